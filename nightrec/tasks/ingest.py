@@ -1,0 +1,368 @@
+"""Land event logs and catalogues in the lake: read, validate, quarantine bad rows with a reason, partition by date.
+
+Every source column is read as text first so that one bad value never fails a whole file; each rule then tags the rows
+it rejects. A file that is not what it claims to be is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from nightrec.settings import Settings
+from nightrec.storage import atomic
+from nightrec.storage.lake import Lake
+from nightrec.storage.schemas import EVENTS, ITEMS
+
+EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "event_type", "value")
+ITEM_COLUMNS = ("item_id", "title", "description", "genres", "updated_at", "available")
+MAX_ID_LENGTH = 256
+DEFAULT_EVENT_TYPE = "view"
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+_FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
+_TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M%z", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
+
+
+class IngestError(ValueError):
+    """A file was refused; the message names the file and the problem. Nothing was written."""
+
+
+@dataclass
+class IngestReport:
+    """What one ingest call did."""
+
+    source: str
+    rows: int = 0
+    valid: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    dates: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+# --- reading ------------------------------------------------------------------------------------------------------
+def file_format(path: Path) -> str:
+    """csv, jsonl or parquet from the suffix; refuses anything else by name."""
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise IngestError(f"{path}: unsupported file type {path.suffix!r} (use .csv, .tsv, .jsonl, .json or .parquet)")
+    return fmt
+
+
+def read_as_text(path: Path) -> pl.LazyFrame:
+    """Scan a file lazily with every column as text. Raises IngestError if the bytes do not match the format."""
+    path = Path(path)
+    if not path.is_file():
+        raise IngestError(f"{path}: no such file")
+    fmt = file_format(path)
+    head = path.read_bytes()[:4] if path.stat().st_size else b""
+    try:
+        if fmt == "parquet":
+            if head != b"PAR1":
+                raise IngestError(f"{path}: not a Parquet file (missing PAR1 magic bytes)")
+            frame = pl.scan_parquet(path)
+            schema = frame.collect_schema()
+            return frame.with_columns(_to_text(name, dtype) for name, dtype in schema.items())
+        if b"\x00" in path.read_bytes()[:65536]:
+            raise IngestError(f"{path}: binary content in a {fmt.upper()} file")
+        if fmt == "csv":
+            separator = "\t" if path.suffix.lower() == ".tsv" else ","
+            frame = pl.scan_csv(path, separator=separator, infer_schema=False, truncate_ragged_lines=False)
+            frame.collect_schema()
+            return frame
+        frame = pl.read_ndjson(path, infer_schema_length=None)  # NDJSON has no text-only mode: cast after reading
+        return frame.lazy().with_columns(_to_text(n, d) for n, d in frame.schema.items())
+    except IngestError:
+        raise
+    except Exception as exc:  # polars raises many types for malformed input; name the file and the first line of why
+        raise IngestError(f"{path}: cannot be read as {fmt.upper()}: {str(exc).splitlines()[0]}") from exc
+
+
+def _to_text(name: str, dtype: pl.DataType) -> pl.Expr:
+    col = pl.col(name)
+    if isinstance(dtype, pl.Datetime):
+        # Keep the instant exactly: epoch seconds with microseconds; naive values are taken as UTC.
+        aware = col if dtype.time_zone else col.dt.replace_time_zone("UTC")
+        return (aware.dt.epoch("us").cast(pl.Float64) / 1e6).cast(pl.String).alias(name)
+    if isinstance(dtype, pl.List):
+        return col.cast(pl.List(pl.String)).list.join("|").alias(name)
+    if isinstance(dtype, pl.Struct):
+        return col.struct.json_encode().alias(name)
+    return col.cast(pl.String).alias(name)
+
+
+def apply_column_mapping(frame: pl.LazyFrame, mapping: dict[str, str], required: tuple[str, ...], source: str):
+    """Rename the file's columns to ours; refuse the file when a required column is missing."""
+    present = frame.collect_schema().names()
+    renames = {theirs: ours for ours, theirs in mapping.items() if theirs in present and theirs != ours}
+    frame = frame.rename(renames)
+    names = set(frame.collect_schema().names())
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise IngestError(f"{source}: missing required column(s) {', '.join(missing)} (found: {', '.join(present)})")
+    return frame
+
+
+# --- validation ---------------------------------------------------------------------------------------------------
+def parse_timestamp(col: pl.Expr) -> pl.Expr:
+    """ISO-8601 (with or without offset; naive = UTC) or epoch seconds -> UTC datetime[us]; null if unparseable."""
+    text = col.str.strip_chars()
+    numeric = text.str.contains(r"^-?\d+(\.\d+)?$")
+    epoch = (text.cast(pl.Float64, strict=False) * 1e6).round().cast(pl.Int64, strict=False)
+    epoch_dt = pl.from_epoch(epoch.clip(-(2**62), 2**62), time_unit="us").dt.replace_time_zone("UTC")
+    iso = text.str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T").str.replace(r"Z$", "+00:00")
+    parsed = [iso.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC") for f in _TIME_FORMATS]
+    return pl.when(numeric).then(epoch_dt).otherwise(pl.coalesce(parsed))
+
+
+def _first_reason(rules: list[tuple[pl.Expr, pl.Expr]]) -> pl.Expr:
+    expr = pl.lit(None, pl.String)
+    for failed, message in reversed(rules):
+        expr = pl.when(failed).then(message).otherwise(expr)
+    return expr
+
+
+def _missing(name: str) -> pl.Expr:
+    return pl.col(name).is_null() | (pl.col(name).str.strip_chars() == "")
+
+
+def _id_rules(name: str) -> list[tuple[pl.Expr, pl.Expr]]:
+    return [
+        (_missing(name), pl.lit(f"missing {name}")),
+        (pl.col(name).str.len_chars() > MAX_ID_LENGTH, pl.lit(f"{name} longer than {MAX_ID_LENGTH} characters")),
+        (pl.col(name).str.contains(r"[\x00-\x1f]"), pl.lit(f"{name} contains control characters")),
+    ]
+
+
+def validate_events(frame: pl.LazyFrame, settings: Settings, now: dt.datetime) -> pl.LazyFrame:
+    """Add typed columns and a ``reason`` (null for valid rows) to a text frame with our column names."""
+    names = frame.collect_schema().names()
+    if "event_type" not in names:
+        frame = frame.with_columns(pl.lit(None, pl.String).alias("event_type"))
+    if "value" not in names:
+        frame = frame.with_columns(pl.lit(None, pl.String).alias("value"))
+    latest = now + dt.timedelta(hours=settings.future_tolerance_hours)
+    event_type = pl.col("event_type").str.strip_chars().str.to_lowercase()
+    frame = frame.with_columns(
+        _ts=parse_timestamp(pl.col("timestamp")),
+        _event_type=pl.when(event_type.is_null() | (event_type == ""))
+        .then(pl.lit(DEFAULT_EVENT_TYPE))
+        .otherwise(event_type),
+        _value=pl.col("value").str.strip_chars().cast(pl.Float64, strict=False),
+    )
+    value_given = pl.col("value").is_not_null() & (pl.col("value").str.strip_chars() != "")
+    rules = [
+        *_id_rules("user_id"),
+        *_id_rules("item_id"),
+        (_missing("timestamp"), pl.lit("missing timestamp")),
+        (pl.col("_ts").is_null(), pl.format("unparseable timestamp '{}'", pl.col("timestamp").str.slice(0, 40))),
+        (pl.col("_ts") < pl.datetime(1970, 1, 1, time_zone="UTC"), pl.lit("timestamp before 1970-01-01")),
+        (pl.col("_ts") > pl.lit(latest), pl.lit("timestamp in the future")),
+        (
+            ~pl.col("_event_type").is_in(list(settings.event_types)),
+            pl.format("unknown event_type '{}'", pl.col("event_type").str.slice(0, 40)),
+        ),
+        (
+            value_given & pl.col("_value").is_null(),
+            pl.format("value is not a number: '{}'", pl.col("value").str.slice(0, 40)),
+        ),
+        (pl.col("_value").is_infinite() | pl.col("_value").is_nan(), pl.lit("value is not finite")),
+    ]
+    return frame.with_columns(reason=_first_reason(rules))
+
+
+def typed_events(validated: pl.LazyFrame) -> pl.LazyFrame:
+    """The valid rows in the lake's EVENTS schema, exact repeats removed, in a deterministic order."""
+    return (
+        validated.filter(pl.col("reason").is_null())
+        .select(
+            pl.col("user_id").str.strip_chars(),
+            pl.col("item_id").str.strip_chars(),
+            pl.col("_ts").alias("timestamp"),
+            pl.col("_event_type").alias("event_type"),
+            pl.col("_value").alias("value"),
+        )
+        .unique(maintain_order=False)
+        .sort("timestamp", "user_id", "item_id", "event_type", "value", nulls_last=True)
+    )
+
+
+def quarantined_rows(validated: pl.LazyFrame, source_columns: list[str], source: str) -> pl.LazyFrame:
+    return validated.filter(pl.col("reason").is_not_null()).select(
+        *[pl.col(c) for c in source_columns], "reason", pl.lit(source).alias("source_file")
+    )
+
+
+def _events_frame_schema() -> pl.Schema:
+    return pl.from_arrow(EVENTS.empty_table()).schema
+
+
+# --- landing ------------------------------------------------------------------------------------------------------
+def _batch_id(source: str, rejected: pl.DataFrame) -> str:
+    """Named by content, so re-ingesting the same file rewrites its quarantine file instead of adding a copy."""
+    digest = hashlib.sha256(source.encode())
+    digest.update(int(rejected.hash_rows(seed=0).sum() or 0).to_bytes(16, "little", signed=False))
+    digest.update(rejected.height.to_bytes(8, "little"))
+    return digest.hexdigest()[:20]
+
+
+def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, source: str, now=None) -> IngestReport:
+    """Validate a text frame and land it: valid rows merged into their date partitions, bad rows to quarantine."""
+    now = now or dt.datetime.now(dt.UTC)
+    source_columns = frame.collect_schema().names()
+    frame = apply_column_mapping(frame, settings.event_columns, ("user_id", "item_id", "timestamp"), source)
+    mapped_columns = frame.collect_schema().names()
+    validated = validate_events(frame, settings, now).collect(engine="streaming")
+    report = IngestReport(source=source, rows=validated.height)
+    bad = validated.filter(pl.col("reason").is_not_null())
+    report.quarantined = bad.height
+    report.reasons = dict(bad.group_by("reason").len().sort("len", descending=True).iter_rows())
+    if report.rows and report.quarantined / report.rows > settings.max_bad_fraction:
+        top = "; ".join(f"{r} ({n})" for r, n in list(report.reasons.items())[:3])
+        raise IngestError(
+            f"{source}: {report.quarantined} of {report.rows} rows ({report.quarantined / report.rows:.1%}) failed "
+            f"validation, above the {settings.max_bad_fraction:.1%} threshold; nothing was written. Top reasons: {top}"
+        )
+    valid = typed_events(validated.lazy()).collect()
+    report.valid = valid.height
+    report.duplicates = validated.height - report.quarantined - valid.height
+    _merge_into_partitions(lake, valid)
+    report.dates = sorted({d.isoformat() for d in valid["timestamp"].dt.date().unique().to_list()})
+    if report.quarantined:
+        rejected = quarantined_rows(bad.lazy(), mapped_columns, source).collect()
+        rejected = rejected.rename({ours: theirs for ours, theirs in zip(mapped_columns, source_columns, strict=True)})
+        lake.append_quarantine(now.date(), rejected, f"events-{_batch_id(source, rejected)}")
+    return report
+
+
+def _merge_into_partitions(lake: Lake, valid: pl.DataFrame) -> None:
+    """Union with what each day already holds, drop exact repeats, rewrite the day whole (idempotent re-ingest)."""
+    if valid.is_empty():
+        return
+    with_date = valid.with_columns(pl.col("timestamp").dt.date().alias("_date"))
+    for (day,), part in with_date.group_by("_date", maintain_order=True):
+        part = part.drop("_date")
+        existing_file = lake.events_partition(day) / "part-0.parquet"
+        if existing_file.exists():
+            part = pl.concat([pl.read_parquet(existing_file), part], how="vertical_relaxed")
+        merged = part.unique().sort("timestamp", "user_id", "item_id", "event_type", "value", nulls_last=True)
+        lake.write_events_partition(day, merged.cast(_events_frame_schema()))
+
+
+def ingest_events_file(lake: Lake, path: Path, settings: Settings, now=None) -> IngestReport:
+    """Land one events file (CSV, JSON Lines or Parquet)."""
+    return ingest_events_frame(lake, read_as_text(Path(path)), settings, str(path), now=now)
+
+
+# --- catalogue and users ------------------------------------------------------------------------------------------
+def normalise_items(frame: pl.LazyFrame, settings: Settings, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Text frame -> (items in the ITEMS schema, rejected rows with a reason)."""
+    frame = apply_column_mapping(frame, settings.item_columns, ("item_id", "title"), source)
+    names = frame.collect_schema().names()
+    if "genres" not in names and "tags" in names:
+        frame = frame.rename({"tags": "genres"})
+    for column in ("description", "genres", "updated_at", "available"):
+        if column not in frame.collect_schema().names():
+            frame = frame.with_columns(pl.lit(None, pl.String).alias(column))
+    available = pl.col("available").str.strip_chars().str.to_lowercase()
+    frame = frame.with_columns(
+        _updated=parse_timestamp(pl.col("updated_at")),
+        _available=pl.when(available.is_in(["true", "1", "yes", "y"]))
+        .then(True)
+        .when(available.is_in(["false", "0", "no", "n"]))
+        .then(False),
+    )
+    given = lambda c: pl.col(c).is_not_null() & (pl.col(c).str.strip_chars() != "")  # noqa: E731
+    rules = [
+        *_id_rules("item_id"),
+        (_missing("title"), pl.lit("missing title")),
+        (given("updated_at") & pl.col("_updated").is_null(), pl.lit("unparseable updated_at")),
+        (given("available") & pl.col("_available").is_null(), pl.lit("available is not a boolean")),
+    ]
+    validated = frame.with_columns(reason=_first_reason(rules)).collect()
+    genres = (
+        pl.col("genres")
+        .str.strip_chars("[]")
+        .str.split("|")
+        .list.eval(pl.element().str.strip_chars().str.strip_chars("'\"").filter(pl.element() != ""))
+    )
+    items = validated.filter(pl.col("reason").is_null()).select(
+        pl.col("item_id").str.strip_chars(),
+        pl.col("title").str.strip_chars(),
+        pl.col("description").str.strip_chars(),
+        genres.alias("genres"),
+        pl.col("_updated").alias("updated_at"),
+        pl.col("_available").alias("available"),
+    )
+    rejected = validated.filter(pl.col("reason").is_not_null()).select(
+        *[pl.col(c).cast(pl.String) for c in names if c in validated.columns],
+        "reason",
+        pl.lit(source).alias("source_file"),
+    )
+    return items, rejected
+
+
+def merge_items(existing: pl.DataFrame | None, new: pl.DataFrame) -> pl.DataFrame:
+    """Latest version per item_id: the newer ``updated_at`` wins; on a tie or no timestamps, the newer file wins."""
+    frames = [new.with_columns(pl.lit(1).alias("_batch"))]
+    if existing is not None:
+        frames.insert(0, existing.with_columns(pl.lit(0).alias("_batch")))
+    stacked = pl.concat(frames, how="vertical_relaxed")
+    newest = stacked.sort(["item_id", "updated_at", "_batch"], nulls_last=False).group_by("item_id").last()
+    return newest.drop("_batch").sort("item_id").cast(pl.from_arrow(ITEMS.empty_table()).schema)
+
+
+def ingest_items_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, source: str, now=None) -> IngestReport:
+    now = now or dt.datetime.now(dt.UTC)
+    items, rejected = normalise_items(frame, settings, source)
+    report = IngestReport(source=source, rows=items.height + rejected.height, quarantined=rejected.height)
+    report.reasons = dict(rejected.group_by("reason").len().iter_rows()) if rejected.height else {}
+    if report.rows and report.quarantined / report.rows > settings.max_bad_fraction:
+        raise IngestError(
+            f"{source}: {report.quarantined} of {report.rows} catalogue rows failed validation, above the "
+            f"{settings.max_bad_fraction:.1%} threshold; nothing was written. Reasons: {report.reasons}"
+        )
+    deduped = items.unique(subset=["item_id"], keep="last", maintain_order=True)
+    report.duplicates = items.height - deduped.height
+    existing = pl.read_parquet(lake.items_file) if lake.items_file.exists() else None
+    merged = merge_items(existing, deduped)
+    report.valid = deduped.height
+    atomic.write_parquet_atomic(merged.to_arrow().cast(ITEMS), lake.items_file)
+    if rejected.height:
+        lake.append_quarantine(now.date(), rejected, f"items-{_batch_id(source, rejected)}")
+    return report
+
+
+def ingest_items_file(lake: Lake, path: Path, settings: Settings, now=None) -> IngestReport:
+    return ingest_items_frame(lake, read_as_text(Path(path)), settings, str(path), now=now)
+
+
+def ingest_users_frame(lake: Lake, frame: pl.LazyFrame, source: str) -> IngestReport:
+    """User attributes, newest file wins per user; every attribute is kept as text."""
+    frame = apply_column_mapping(frame, {}, ("user_id",), source)
+    users = frame.collect().with_columns(pl.col("user_id").str.strip_chars()).filter(~_missing("user_id"))
+    users = users.unique(subset=["user_id"], keep="last", maintain_order=True)
+    existing = lake.read_users()
+    if existing is not None:
+        users = pl.concat(
+            [existing.filter(~pl.col("user_id").is_in(users["user_id"].implode())), users], how="diagonal"
+        )
+    users = users.sort("user_id")
+    atomic.write_parquet_atomic(users.to_arrow(), lake.users_file)
+    return IngestReport(source=source, rows=users.height, valid=users.height)
+
+
+def ingest_users_file(lake: Lake, path: Path) -> IngestReport:
+    return ingest_users_frame(lake, read_as_text(Path(path)), str(path))
+
+
+def as_text_frame(frame: pl.DataFrame) -> pl.LazyFrame:
+    """A typed in-memory frame (e.g. from a dataset adapter) as the text frame the validators expect."""
+    return frame.lazy().with_columns(_to_text(n, d) for n, d in frame.schema.items())
