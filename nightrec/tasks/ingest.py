@@ -256,9 +256,17 @@ def _merge_into_partitions(lake: Lake, valid: pl.DataFrame) -> None:
         lake.write_events_partition(day, merged.cast(_events_frame_schema()))
 
 
+def _refuse_unreadable(path: Path, exc: Exception) -> IngestError:
+    """Lazy scans meet malformed bytes only when collected: report it like a refusal at open time."""
+    return IngestError(f"{path}: cannot be read as {file_format(path).upper()}: {str(exc).strip().splitlines()[0]}")
+
+
 def ingest_events_file(lake: Lake, path: Path, settings: Settings, now=None) -> IngestReport:
     """Land one events file (CSV, JSON Lines or Parquet)."""
-    return ingest_events_frame(lake, read_as_text(Path(path)), settings, str(path), now=now)
+    try:
+        return ingest_events_frame(lake, read_as_text(Path(path)), settings, str(path), now=now)
+    except pl.exceptions.PolarsError as exc:
+        raise _refuse_unreadable(Path(path), exc) from exc
 
 
 # --- catalogue and users ------------------------------------------------------------------------------------------
@@ -289,6 +297,7 @@ def normalise_items(frame: pl.LazyFrame, settings: Settings, source: str) -> tup
     validated = frame.with_columns(reason=_first_reason(rules)).collect()
     genres = (
         pl.col("genres")
+        .fill_null("")
         .str.strip_chars("[]")
         .str.split("|")
         .list.eval(pl.element().str.strip_chars().str.strip_chars("'\"").filter(pl.element() != ""))
@@ -310,13 +319,14 @@ def normalise_items(frame: pl.LazyFrame, settings: Settings, source: str) -> tup
 
 
 def merge_items(existing: pl.DataFrame | None, new: pl.DataFrame) -> pl.DataFrame:
-    """Latest version per item_id: the newer ``updated_at`` wins; on a tie or no timestamps, the newer file wins."""
+    """Latest version per item_id: the newer ``updated_at`` wins; on a tie or no timestamps, the later row wins
+    (a newer file over the lake, a later line over an earlier one)."""
     frames = [new.with_columns(pl.lit(1).alias("_batch"))]
     if existing is not None:
         frames.insert(0, existing.with_columns(pl.lit(0).alias("_batch")))
-    stacked = pl.concat(frames, how="vertical_relaxed")
-    newest = stacked.sort(["item_id", "updated_at", "_batch"], nulls_last=False).group_by("item_id").last()
-    return newest.drop("_batch").sort("item_id").cast(pl.from_arrow(ITEMS.empty_table()).schema)
+    stacked = pl.concat(frames, how="vertical_relaxed").with_row_index("_row")
+    newest = stacked.sort(["item_id", "updated_at", "_batch", "_row"], nulls_last=False).group_by("item_id").last()
+    return newest.drop("_batch", "_row").sort("item_id").cast(pl.from_arrow(ITEMS.empty_table()).schema)
 
 
 def ingest_items_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, source: str, now=None) -> IngestReport:
@@ -329,11 +339,10 @@ def ingest_items_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sour
             f"{source}: {report.quarantined} of {report.rows} catalogue rows failed validation, above the "
             f"{settings.max_bad_fraction:.1%} threshold; nothing was written. Reasons: {report.reasons}"
         )
-    deduped = items.unique(subset=["item_id"], keep="last", maintain_order=True)
-    report.duplicates = items.height - deduped.height
+    report.duplicates = items.height - items["item_id"].n_unique()
     existing = pl.read_parquet(lake.items_file) if lake.items_file.exists() else None
-    merged = merge_items(existing, deduped)
-    report.valid = deduped.height
+    merged = merge_items(existing, items)
+    report.valid = items.height - report.duplicates
     atomic.write_parquet_atomic(merged.to_arrow().cast(ITEMS), lake.items_file)
     if rejected.height:
         lake.append_quarantine(now.date(), rejected, f"items-{_batch_id(source, rejected)}")
@@ -341,7 +350,10 @@ def ingest_items_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sour
 
 
 def ingest_items_file(lake: Lake, path: Path, settings: Settings, now=None) -> IngestReport:
-    return ingest_items_frame(lake, read_as_text(Path(path)), settings, str(path), now=now)
+    try:
+        return ingest_items_frame(lake, read_as_text(Path(path)), settings, str(path), now=now)
+    except pl.exceptions.PolarsError as exc:
+        raise _refuse_unreadable(Path(path), exc) from exc
 
 
 def ingest_users_frame(lake: Lake, frame: pl.LazyFrame, source: str) -> IngestReport:
@@ -360,7 +372,10 @@ def ingest_users_frame(lake: Lake, frame: pl.LazyFrame, source: str) -> IngestRe
 
 
 def ingest_users_file(lake: Lake, path: Path) -> IngestReport:
-    return ingest_users_frame(lake, read_as_text(Path(path)), str(path))
+    try:
+        return ingest_users_frame(lake, read_as_text(Path(path)), str(path))
+    except pl.exceptions.PolarsError as exc:
+        raise _refuse_unreadable(Path(path), exc) from exc
 
 
 def as_text_frame(frame: pl.DataFrame) -> pl.LazyFrame:

@@ -1,0 +1,42 @@
+"""Shared fixtures: an isolated NIGHTREC_HOME per test, and MovieLens-100K when ../shared/datasets has it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def datasets_root() -> Path:
+    return Path(os.environ.get("NIGHTREC_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def movielens_100k() -> Path:
+    folder = datasets_root() / "movielens-100k"
+    if not (folder / "u.data").exists():
+        pytest.skip(f"MovieLens-100K not found at {folder} (set NIGHTREC_DATASETS to the folder holding it)")
+    return folder
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh NIGHTREC_HOME; Settings() built inside the test reads it."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("NIGHTREC_HOME", str(path))
+    return path
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Path -> sha256 of every file under ``root``: compare before/after to prove nothing changed."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
