@@ -1,4 +1,4 @@
-"""Ingest: every validation rule quarantines with its reason; refused files name the file and leave the lake as it was."""
+"""Ingest: each validation rule quarantines with its reason; a refused file is named and the lake stays as it was."""
 
 from __future__ import annotations
 
