@@ -1,0 +1,1 @@
+"""Prefect deployments of the nightly and backfill flows, and the `nightrec serve` entry point."""

@@ -1,0 +1,94 @@
+"""`nightrec serve`: a local Prefect server on 127.0.0.1 plus the nightly and backfill deployments, in the foreground.
+
+Schedules need a real server (a temporary one refuses to schedule), so unless NIGHTREC_PREFECT_API_URL points at one,
+we start `prefect server start` as a child process and stop it on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+from nightrec.settings import Settings
+
+DEFAULT_PORT = 4200
+
+
+def deployments(settings: Settings) -> list:
+    """The nightly deployment (cron in the configured zone, one run at a time) and the parameterised backfill."""
+    from prefect.schedules import Cron
+
+    from nightrec.flows.nightly import backfill, nightly
+
+    return [
+        nightly.to_deployment(
+            name="nightly",
+            schedule=Cron(settings.nightly_cron, timezone=settings.timezone),
+            parameters={"trigger": "schedule"},
+            concurrency_limit=1,
+            description="Every stage for the scheduled date (taken from the run's scheduled start time).",
+            tags=["nightrec"],
+        ),
+        backfill.to_deployment(
+            name="backfill",
+            concurrency_limit=1,
+            description="Nightly for each date from start to end, oldest first; published dates skipped unless force.",
+            tags=["nightrec"],
+        ),
+    ]
+
+
+def wait_healthy(api_url: str, timeout: float = 120.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"Prefect server exited with code {process.returncode} before becoming healthy")
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def local_server(settings: Settings, port: int = DEFAULT_PORT) -> Iterator[str]:
+    """Start `prefect server start` bound to 127.0.0.1 under this home's PREFECT_HOME; yield its API URL."""
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(settings.prefect_home_dir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(settings.prefect_home_dir / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(api_url, process=process)
+        yield api_url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def serve_forever(settings: Settings, port: int = DEFAULT_PORT) -> None:
+    from contextlib import nullcontext
+
+    settings.prefect_home_dir.mkdir(parents=True, exist_ok=True)
+    server = nullcontext(settings.prefect_api_url) if settings.prefect_api_url else local_server(settings, port)
+    with server as api_url:
+        os.environ["PREFECT_API_URL"] = api_url
+        from prefect import serve
+
+        print(
+            f"Prefect UI: {api_url.removesuffix('/api')}  (nightly cron '{settings.nightly_cron}' {settings.timezone})"
+        )
+        try:
+            serve(*deployments(settings))
+        except KeyboardInterrupt:
+            print("stopped")

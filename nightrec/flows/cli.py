@@ -1,0 +1,221 @@
+"""The ``nightrec`` command. Settings come from NIGHTREC_* environment variables; options here override a few."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nightrec.settings import Settings, apply_environment
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="nightrec: the nightly recommender pipeline.")
+
+DateOption = Annotated[dt.datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Run date (YYYY-MM-DD).")]
+
+
+def _settings() -> Settings:
+    """Validated settings, exported to the environment Prefect and MLflow read at import (before importing them)."""
+    try:
+        settings = Settings()
+    except Exception as exc:  # pydantic's message names the bad variable
+        typer.secho(f"invalid configuration: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    apply_environment(settings)
+    os.environ["NIGHTREC_HOME"] = str(settings.home)  # stages re-read settings inside Prefect tasks
+    return settings
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(message, fg="red", err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def ingest(
+    events: Annotated[Path | None, typer.Option(help="Events file, or a MovieLens folder.")] = None,
+    items: Annotated[Path | None, typer.Option(help="Item catalogue file.")] = None,
+    users: Annotated[Path | None, typer.Option(help="User attributes file.")] = None,
+) -> None:
+    """Land files into the lake (catalogue first). A MovieLens folder (100K, 1M, latest) is recognised as such."""
+    from nightrec.sources import movielens
+    from nightrec.storage.lake import Lake
+    from nightrec.tasks import ingest as stage
+
+    settings = _settings()
+    lake = Lake(settings.lake_root)
+    if events is None and items is None and users is None:
+        raise _fail("nothing to ingest: give --events, --items and/or --users", 2)
+    reports = []
+    try:
+        if events is not None and events.is_dir():
+            data = movielens.load(events)
+            reports.append(stage.ingest_items_frame(lake, stage.as_text_frame(data.items), settings, f"{events} items"))
+            if data.users is not None:
+                reports.append(stage.ingest_users_frame(lake, stage.as_text_frame(data.users), f"{events} users"))
+            reports.append(
+                stage.ingest_events_frame(lake, stage.as_text_frame(data.events), settings, f"{events} events")
+            )
+        else:
+            if items is not None:
+                reports.append(stage.ingest_items_file(lake, items, settings))
+            if users is not None:
+                reports.append(stage.ingest_users_file(lake, users))
+            if events is not None:
+                reports.append(stage.ingest_events_file(lake, events, settings))
+    except (stage.IngestError, ValueError, FileNotFoundError) as exc:
+        raise _fail(f"refused: {exc}") from exc
+    for rep in reports:
+        reasons = f"  quarantined: {rep.reasons}" if rep.quarantined else ""
+        typer.echo(f"{rep.source}: {rep.rows} rows, {rep.valid} landed, {rep.duplicates} duplicates{reasons}")
+    typer.echo(f"lake: {lake.root}")
+
+
+@app.command()
+def nightly(date: DateOption = None) -> None:
+    """The whole DAG for one date (default: today in the configured time zone)."""
+    _settings()
+    from nightrec.flows.nightly import nightly as nightly_flow
+
+    summary = nightly_flow(run_date=date.date() if date else None, trigger="manual")
+    _print_night(summary)
+
+
+@app.command()
+def backfill(
+    start: Annotated[dt.datetime, typer.Option(formats=["%Y-%m-%d"], help="First date.")],
+    end: Annotated[dt.datetime, typer.Option(formats=["%Y-%m-%d"], help="Last date (inclusive).")],
+    force: Annotated[bool, typer.Option(help="Re-run dates that are already published.")] = False,
+) -> None:
+    """Nightly for each date, oldest first, skipping published dates unless --force; re-running resumes."""
+    _settings()
+    from nightrec.flows.nightly import BackfillError
+    from nightrec.flows.nightly import backfill as backfill_flow
+
+    try:
+        result = backfill_flow(start=start.date(), end=end.date(), force=force)
+    except BackfillError as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(f"ran {len(result['ran'])} date(s): {', '.join(result['ran']) or '-'}")
+    typer.echo(f"skipped {len(result['skipped'])} already published: {', '.join(result['skipped']) or '-'}")
+
+
+@app.command()
+def recommend(
+    user: Annotated[str, typer.Option(help="User id.")],
+    k: Annotated[int, typer.Option(help="How many items to show.")] = 10,
+    date: DateOption = None,
+) -> None:
+    """Print a user's latest published list (or the list of --date) with the reasons."""
+    from nightrec.storage import publication
+    from nightrec.storage.lake import Lake
+
+    settings = _settings()
+    lake = Lake(settings.lake_root)
+    try:
+        frame = publication.read_user_list(lake, user, date.date() if date else None)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise _fail(str(exc)) from exc
+    if frame.is_empty():
+        raise _fail(f"user {user!r} has no published list (unknown user?)")
+    titles = dict(lake.read_items().select("item_id", "title").iter_rows())
+    first = frame.row(0, named=True)
+    typer.echo(f"Recommendations for user {user} on {first['run_date']} (model version {first['model_version']}):")
+    for row in frame.head(k).iter_rows(named=True):
+        title = titles.get(row["item_id"], row["item_id"])
+        typer.echo(f"{row['rank']:>3}. {title}  [{row['item_id']}]  score {row['score']:.3f}")
+        because = ", ".join(f"{r['title'] or r['item_id']} ({r['weight']:.2f})" for r in row["reasons"][:3])
+        if because:
+            typer.echo(f"     because you interacted with: {because}")
+
+
+@app.command()
+def demo(
+    users: Annotated[int, typer.Option(help="Demo users.")] = 2000,
+    items: Annotated[int, typer.Option(help="Demo items.")] = 3000,
+    events: Annotated[int, typer.Option(help="Demo events over a year.")] = 120_000,
+) -> None:
+    """Generate the demo data, run one nightly (it ingests the files), print a sample of the lists."""
+    from nightrec.sources.demo import DemoSpec, write_demo_files
+
+    settings = _settings()
+    spec = DemoSpec(users=users, items=items, events=events)
+    paths = write_demo_files(settings.home / "demo", spec)
+    typer.echo(f"demo data: {users} users, {items} items, {events} events in {paths['events'].parent}")
+    os.environ["NIGHTREC_EVENTS_SOURCE"] = str(paths["events"])
+    os.environ["NIGHTREC_ITEMS_SOURCE"] = str(paths["items"])
+    os.environ["NIGHTREC_USERS_SOURCE"] = str(paths["users"])
+    from nightrec.flows.nightly import nightly as nightly_flow
+
+    summary = nightly_flow(run_date=spec.end + dt.timedelta(days=1), trigger="manual")
+    _print_night(summary)
+    from nightrec.storage import publication
+    from nightrec.storage.lake import Lake
+
+    _, table = publication.read_latest(Lake(settings.lake_root))
+    for user in sorted(set(table.column("user_id").to_pylist()))[:2]:
+        typer.echo("")
+        recommend(user=user, k=5, date=None)
+    typer.echo(f"\nNext: `nightrec recommend --user {user}`, `nightrec ui` (MLflow), README.md for the rest.")
+
+
+def _print_night(summary: dict) -> None:
+    settings = Settings()
+    gate, published = summary["gate"], summary["publish"]
+    typer.echo(f"nightly {summary['run_date']}: {published.get('users')} users, {published.get('rows')} rows published")
+    for name, metrics in gate["holdout"].items():
+        typer.echo(f"  holdout {name:<11} NDCG@10 {metrics['ndcg_at_10']:.4f}  Recall@20 {metrics['recall_at_20']:.4f}")
+    typer.echo(f"  model version {gate['model_version']} ({gate['published_model']}): {gate['reason']}")
+    typer.echo(f"  lists: {Path(settings.lake_root) / 'recommendations' / ('date=' + summary['run_date'])}")
+    typer.echo(f"  MLflow run {summary['mlflow_run_id']} in {settings.tracking_uri} (open it with `nightrec ui`)")
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[Path, typer.Option(help="A MovieLens folder (100K, 1M or latest layout).")],
+    epochs: Annotated[int | None, typer.Option(help="Override training epochs.")] = None,
+) -> None:
+    """Offline evaluation (DESIGN.md protocol) of nightrec against the peers, logged to MLflow."""
+    from nightrec.flows.offline import run_offline_evaluation
+
+    settings = _settings()
+    report = run_offline_evaluation(settings, dataset, epochs)
+    typer.echo(report["markdown"])
+    typer.echo(f"MLflow run {report['mlflow_run_id']} in {settings.tracking_uri}")
+
+
+@app.command()
+def serve() -> None:
+    """A local Prefect server (127.0.0.1) and the nightly + backfill deployments, in the foreground (Ctrl-C stops)."""
+    settings = _settings()
+    from nightrec.deployments.serve import serve_forever
+
+    serve_forever(settings)
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
+    """The MLflow UI for this home's runs on 127.0.0.1 (one worker; Ctrl-C stops)."""
+    import subprocess
+
+    settings = _settings()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", settings.tracking_uri, "--default-artifact-root", settings.artifact_root,
+    ]  # fmt: skip
+    typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (experiment '{settings.mlflow_experiment}')")
+    with contextlib.suppress(KeyboardInterrupt):
+        subprocess.run(command, env=env, check=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

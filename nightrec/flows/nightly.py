@@ -1,0 +1,199 @@
+"""The DAG: ``nightly(run_date)`` runs every stage for one date; ``backfill(start, end)`` runs it for a range.
+
+Each night gets one MLflow parent run ``nightly-YYYY-MM-DD`` (tags: run date, trigger, Prefect flow-run id) with a
+child run per stage, and a work folder ``HOME/runs/DATE/RUN_ID`` through which the stages hand over files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from nightrec.flows import plots, stages
+from nightrec.flows.locks import date_lock
+from nightrec.settings import Settings
+from nightrec.storage import tracking
+from nightrec.storage.lake import Lake
+
+KEEP_WORK_FOLDERS = 3  # nights whose work folders (model, vectors, index) stay on disk for inspection
+
+
+class BackfillError(RuntimeError):
+    """A date of a backfill failed; the message names it and how to resume."""
+
+
+def resolve_run_date(run_date: dt.date | None, timezone: str) -> dt.date:
+    """The explicit date, else the scheduled start's date in the configured zone (a late start keeps its day)."""
+    if run_date is not None:
+        return run_date
+    scheduled = flow_run.scheduled_start_time if flow_run.id else None
+    moment = scheduled if scheduled is not None else dt.datetime.now(dt.UTC)
+    return moment.astimezone(ZoneInfo(timezone)).date()
+
+
+def _nightly_run_name() -> str:
+    date = flow_run.parameters.get("run_date")
+    return f"nightly-{date}" if date else "nightly-scheduled"
+
+
+@flow(name="nightly", flow_run_name=_nightly_run_name, log_prints=True)
+def nightly(run_date: dt.date | None = None, trigger: str = "manual") -> dict:
+    """Ingest, embed, train, evaluate and gate, compress and index, publish: the lists for ``run_date``."""
+    settings = Settings()
+    day = resolve_run_date(run_date, settings.timezone)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with date_lock(settings.home, day):
+        return _run_night(settings, day, trigger)
+
+
+def _run_night(settings: Settings, day: dt.date, trigger: str) -> dict:
+    from nightrec.storage import registry
+
+    client = tracking.client_for(settings.tracking_uri)
+    exp = tracking.experiment_id(client, settings.mlflow_experiment, settings.artifact_root)
+    tags = {
+        "nightrec.run_date": day.isoformat(),
+        "nightrec.kind": "nightly",
+        "nightrec.trigger": trigger,
+        "prefect.flow_run_id": str(flow_run.id or ""),
+    }
+    parent = tracking.start_run(client, exp, f"nightly-{day.isoformat()}", tags)
+    workdir = settings.home / "runs" / day.isoformat() / parent
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        summary: dict = {"run_date": day.isoformat(), "mlflow_run_id": parent, "trigger": trigger}
+        if settings.events_source or settings.items_source or settings.users_source:
+            summary["ingest"] = stages.ingest_sources(parent)
+        summary["embed_items"] = stages.embed_items(parent)
+        summary["embed_users"] = stages.embed_users(day, parent)
+        champion = registry.champion(client, settings.registered_model)
+        summary["train"] = stages.train_model(day, parent, str(workdir), str(champion.path) if champion else None)
+        summary["gate"] = stages.evaluate_and_gate(day, parent, str(workdir))
+        summary["index"] = stages.compress_and_index(day, parent, str(workdir))
+        summary["publish"] = stages.publish_lists(day, parent, str(workdir))
+        _report(settings, client, exp, parent, summary)
+    except BaseException as exc:
+        client.set_tag(parent, "nightrec.error", f"{type(exc).__name__}: {exc}"[:5000])
+        tracking.finish_run(client, parent, failed=True)
+        raise
+    tracking.finish_run(client, parent)
+    _prune_work_folders(settings.home / "runs")
+    return summary
+
+
+def _report(settings: Settings, client, exp: str, parent: str, summary: dict) -> None:
+    """What a person looks at first: headline metrics, a plot across nights, a sample of lists, a Prefect artifact."""
+    gate = summary["gate"]
+    headline = {f"{m}_{k}": v for m, metrics in gate["holdout"].items() for k, v in metrics.items()}
+    headline.update({"users_published": summary["publish"].get("users", 0), "promoted": int(gate["promoted"])})
+    tracking.log_metrics(client, parent, headline)
+    client.set_tag(parent, "nightrec.model_version", str(gate["model_version"]))
+    tracking.log_dict(client, parent, summary, "summary.json")
+    _log_history_plot(client, exp, parent)
+    sample = _sample_lists(settings)
+    if sample:
+        client.log_table(parent, data=sample, artifact_file="sample_lists.json")
+    create_markdown_artifact(key="nightly-summary", markdown=_markdown(summary, settings, exp), description="nightrec")
+    get_run_logger().info(
+        "nightly %s: published %s users with model version %s (%s)",
+        summary["run_date"],
+        summary["publish"].get("users"),
+        gate["model_version"],
+        gate["reason"],
+    )
+
+
+def _log_history_plot(client, exp: str, parent: str) -> None:
+    runs = client.search_runs(
+        [exp], filter_string="tags.`nightrec.kind` = 'nightly' and attributes.status = 'FINISHED'", max_results=200
+    )
+    rows = sorted(
+        ((r.data.tags.get("nightrec.run_date"), r.data.metrics) for r in runs if "model_ndcg_at_10" in r.data.metrics),
+        key=lambda row: row[0],
+    )
+    current = client.get_run(parent)
+    if "model_ndcg_at_10" in current.data.metrics:
+        rows.append((current.data.tags["nightrec.run_date"], current.data.metrics))
+    if not rows:
+        return
+    dates = [d for d, _ in rows]
+    series = {
+        name: [m.get(f"{name}_ndcg_at_10", float("nan")) for _, m in rows]
+        for name in ("model", "champion", "popularity")
+    }
+    tracking.log_figure(client, parent, plots.metric_history(dates, series, "holdout NDCG@10"), "plots/history.png")
+
+
+def _sample_lists(settings: Settings, users: int = 5, k: int = 10) -> dict[str, list]:
+    from nightrec.storage import publication
+
+    _, table = publication.read_latest(Lake(settings.lake_root))
+    items = Lake(settings.lake_root).read_items().select("item_id", "title")
+    titles = dict(items.iter_rows())
+    sample_users = sorted(set(table.column("user_id").to_pylist()))[:users]
+    rows: dict[str, list] = {"user_id": [], "rank": [], "item_id": [], "title": [], "score": [], "because": []}
+    for rec in table.to_pylist():
+        if rec["user_id"] in sample_users and rec["rank"] <= k:
+            rows["user_id"].append(rec["user_id"])
+            rows["rank"].append(rec["rank"])
+            rows["item_id"].append(rec["item_id"])
+            rows["title"].append(titles.get(rec["item_id"], ""))
+            rows["score"].append(round(float(rec["score"]), 4))
+            rows["because"].append("; ".join(r["title"] or r["item_id"] for r in rec["reasons"][:3]))
+    return rows
+
+
+def _markdown(summary: dict, settings: Settings, exp: str) -> str:
+    gate = summary["gate"]
+    lines = [
+        f"# nightrec {summary['run_date']}",
+        f"- published: {summary['publish'].get('users')} users, {summary['publish'].get('rows')} rows",
+        f"- model version {gate['model_version']} ({gate['published_model']}); promoted: {gate['promoted']}",
+        f"- gate: {gate['reason']}",
+        f"- MLflow: experiment {exp}, run `{summary['mlflow_run_id']}` in {settings.tracking_uri}",
+        "",
+        "| model | NDCG@10 | Recall@20 |",
+        "|---|---|---|",
+    ]
+    for name, metrics in gate["holdout"].items():
+        ndcg, recall = metrics.get("ndcg_at_10", float("nan")), metrics.get("recall_at_20", float("nan"))
+        lines.append(f"| {name} | {ndcg:.4f} | {recall:.4f} |")
+    return "\n".join(lines)
+
+
+def _prune_work_folders(runs_root: Path) -> None:
+    days = sorted(p for p in runs_root.iterdir() if p.is_dir()) if runs_root.exists() else []
+    for old in days[:-KEEP_WORK_FOLDERS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@flow(name="backfill", flow_run_name="backfill-{start}-{end}")
+def backfill(start: dt.date, end: dt.date, force: bool = False) -> dict:
+    """Nightly for each date from ``start`` to ``end`` inclusive, oldest first; published dates are skipped unless
+    ``force``. A failed date stops the backfill; running the same command again resumes from it."""
+    if end < start:
+        raise ValueError(f"backfill: end {end} is before start {start}")
+    settings = Settings()
+    published = set(Lake(settings.lake_root).published_dates())
+    done, skipped = [], []
+    day = start
+    while day <= end:
+        if day in published and not force:
+            skipped.append(day.isoformat())
+        else:
+            try:
+                nightly(run_date=day, trigger="backfill")
+            except Exception as exc:
+                raise BackfillError(
+                    f"backfill stopped at {day}: {type(exc).__name__}: {exc}. Finished: {done or 'none'}. "
+                    f"Fix the cause and run the same backfill again; it resumes from {day}."
+                ) from exc
+            done.append(day.isoformat())
+        day += dt.timedelta(days=1)
+    return {"ran": done, "skipped": skipped}

@@ -1,0 +1,342 @@
+"""The nightly stages as Prefect tasks. Each takes dates, ids and paths (never frames or tensors, which hash slowly),
+reads what it needs from the lake or the night's work folder, calls the pure functions in ``nightrec.tasks`` and logs
+a child MLflow run. Stages hand results to each other as files in the work folder, so a retried stage starts clean."""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from nightrec.settings import Settings
+from nightrec.storage import tracking
+from nightrec.storage.lake import Lake
+
+# Stages touching the outside world (files, the MLflow server) retry with backoff; the lake writes are idempotent.
+RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "cache_policy": NO_CACHE}
+
+
+class _Stage:
+    """Opens a child MLflow run of the night's parent run and closes it FINISHED or FAILED."""
+
+    def __init__(self, parent_run_id: str, stage: str) -> None:
+        self.settings = Settings()
+        self.lake = Lake(self.settings.lake_root)
+        self.client = tracking.client_for(self.settings.tracking_uri)
+        exp = self.client.get_run(parent_run_id).info.experiment_id
+        self.parent_run_id = parent_run_id
+        self.run_id = tracking.start_run(self.client, exp, stage, {"nightrec.stage": stage}, parent=parent_run_id)
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> _Stage:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        tracking.log_metrics(self.client, self.run_id, {"stage_seconds": time.perf_counter() - self.started})
+        if exc is not None:
+            self.client.set_tag(self.run_id, "nightrec.error", f"{exc_type.__name__}: {exc}"[:5000])
+        tracking.finish_run(self.client, self.run_id, failed=exc_type is not None)
+
+    def metrics(self, values: dict, prefix: str = "") -> None:
+        tracking.log_metrics(self.client, self.run_id, {f"{prefix}{k}": v for k, v in values.items()})
+
+
+# --- the night's data, shared by several stages -------------------------------------------------------------------
+def night_events(lake: Lake, run_date: dt.date) -> pl.DataFrame:
+    """Every event strictly before the run date (a list for D uses every event before D)."""
+    return lake.scan_events(before=run_date).select("user_id", "item_id", "timestamp", "date").collect()
+
+
+def split_holdout(events: pl.DataFrame, run_date: dt.date, holdout_days: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Train on events before ``run_date - holdout_days``; hold out the newest days for evaluation.
+
+    With too little history on either side of the cut, everything trains and the holdout is empty.
+    """
+    cut = run_date - dt.timedelta(days=holdout_days)
+    train = events.filter(pl.col("date") < cut)
+    holdout = events.filter(pl.col("date") >= cut)
+    if train.is_empty() or holdout.is_empty():
+        return events, events.clear()
+    return train, holdout
+
+
+def known_users(lake: Lake, events: pl.DataFrame) -> list[str]:
+    """Users with an event before the run date, plus users listed in the user table: every one gets a list."""
+    users = set(events["user_id"].unique().to_list())
+    table = lake.read_users()
+    if table is not None:
+        users.update(table["user_id"].to_list())
+    return sorted(users)
+
+
+def served_ndcg(train_events: pl.DataFrame, holdout: pl.DataFrame, k: int = 10):
+    """A function scoring served vectors by holdout NDCG@k (seen = train history), for the compression search."""
+    from nightrec.ranking import ndcg_at_k, top_k_unseen
+
+    def quality(vectors) -> float:
+        item_index = {item: i for i, item in enumerate(vectors.item_ids)}
+
+        def per_user(frame: pl.DataFrame) -> list:
+            grouped = dict(
+                frame.with_columns(pl.col("item_id").replace_strict(item_index, default=None, return_dtype=pl.Int64))
+                .drop_nulls("item_id")
+                .group_by("user_id")
+                .agg(pl.col("item_id").unique())
+                .iter_rows()
+            )
+            return [grouped.get(u, []) for u in vectors.user_ids]
+
+        scores = vectors.user_matrix @ vectors.item_matrix.T
+        return ndcg_at_k(top_k_unseen(scores, per_user(train_events), k), per_user(holdout), k)
+
+    return quality
+
+
+def _files(pattern: str | None) -> list[Path]:
+    if not pattern:
+        return []
+    matches = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).exists() else [])
+    if not matches:
+        raise FileNotFoundError(f"source {pattern!r} matches no file")
+    return [Path(m) for m in matches]
+
+
+def _write_state(workdir: Path, name: str, payload: dict) -> None:
+    (workdir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+
+
+def read_state(workdir: Path, name: str) -> dict:
+    return json.loads((Path(workdir) / f"{name}.json").read_text())
+
+
+# --- stages -------------------------------------------------------------------------------------------------------
+@task(name="ingest", **RETRY)
+def ingest_sources(parent_run_id: str) -> dict:
+    """Land the configured source files (catalogue first, so events can refer to new items)."""
+    from nightrec.tasks import ingest
+
+    with _Stage(parent_run_id, "ingest") as st:
+        reports = []
+        for path in _files(st.settings.items_source):
+            reports.append(("items", ingest.ingest_items_file(st.lake, path, st.settings)))
+        for path in _files(st.settings.users_source):
+            reports.append(("users", ingest.ingest_users_file(st.lake, path)))
+        for path in _files(st.settings.events_source):
+            reports.append(("events", ingest.ingest_events_file(st.lake, path, st.settings)))
+        totals = {"files": len(reports)}
+        for kind, rep in reports:
+            for key in ("rows", "valid", "quarantined", "duplicates"):
+                totals[f"{kind}_{key}"] = totals.get(f"{kind}_{key}", 0) + getattr(rep, key)
+        st.metrics(totals)
+        tracking.log_dict(st.client, st.run_id, [r.as_dict() for _, r in reports], "ingest_reports.json")
+        return totals
+
+
+@task(name="embed-items", **RETRY)
+def embed_items(parent_run_id: str) -> dict:
+    """Language-model vectors for new or changed items (the cache makes a quiet night cheap)."""
+    from nightrec.tasks import embed
+
+    with _Stage(parent_run_id, "embed-items") as st:
+        tracking.log_params(
+            st.client,
+            st.run_id,
+            {"model": st.settings.embedding_model, "template": st.settings.item_text_template},
+        )
+        stats = embed.embed_items(st.lake, st.settings)
+        st.metrics(stats)
+        return stats
+
+
+@task(name="embed-users", **RETRY)
+def embed_users(run_date: dt.date, parent_run_id: str) -> dict:
+    """Profile vectors of users whose history or attributes changed."""
+    from nightrec.tasks import embed
+
+    with _Stage(parent_run_id, "embed-users") as st:
+        stats = embed.embed_users(st.lake, st.settings, run_date)
+        st.metrics(stats)
+        return stats
+
+
+@task(name="train", **RETRY)
+def train_model(run_date: dt.date, parent_run_id: str, workdir: str, champion_dir: str | None) -> dict:
+    """Meta-train on events before the holdout cut, warm-started from the champion when there is one."""
+    from nightrec.flows import plots
+    from nightrec.tasks import embed, train
+
+    with _Stage(parent_run_id, "train") as st:
+        events = night_events(st.lake, run_date)
+        train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
+        item_ids = st.lake.read_items()["item_id"].to_list()
+        text = embed.load_item_embeddings(st.lake, st.settings, item_ids)
+        config = train.TrainConfig(seed=st.settings.seed)
+        if st.settings.train_epochs:
+            config.epochs = st.settings.train_epochs
+        init_from = Path(champion_dir) if champion_dir and st.settings.warm_start else None
+        tracking.log_params(st.client, st.run_id, {**config.to_dict(), "init_from": init_from or "scratch"})
+        # No profile vectors: today's profiles include the holdout days, which would leak into the evaluation.
+        recommender = train.fit_recommender(train_events, item_ids, text, None, config, init_from=init_from)
+        model_dir = recommender.save(Path(workdir) / "model")
+        losses = recommender.meta.get("losses") or []
+        for epoch, loss in enumerate(losses):
+            tracking.log_metrics(st.client, st.run_id, {"train_loss": loss}, step=epoch)
+        if losses:
+            tracking.log_figure(st.client, st.run_id, plots.loss_curve(losses), "plots/train_loss.png")
+        stats = {
+            "events": events.height,
+            "train_events": train_events.height,
+            "holdout_events": holdout.height,
+            "items": len(item_ids),
+            **{k: v for k, v in recommender.meta.items() if isinstance(v, int | float)},
+        }
+        st.metrics(stats)
+        _write_state(Path(workdir), "train", {"model_dir": str(model_dir), **stats})
+        return stats
+
+
+@task(name="evaluate-and-gate", **RETRY)
+def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
+    """Score the new model, the champion and popularity on the holdout; register, maybe promote, pick what to serve."""
+    from nightrec.flows import plots
+    from nightrec.storage import registry
+    from nightrec.tasks import evaluate, train
+
+    with _Stage(parent_run_id, "evaluate-and-gate") as st:
+        name = st.settings.registered_model
+        state = read_state(Path(workdir), "train")
+        events = night_events(st.lake, run_date)
+        train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
+        champion = registry.champion(st.client, name)
+        models = {"model": train.Recommender.load(Path(state["model_dir"]))}
+        if champion is not None:
+            models["champion"] = train.Recommender.load(Path(champion.path))
+        report: dict[str, dict[str, float]] = {}
+        if holdout.height:
+            item_ids = models["model"].item_ids
+            report = evaluate.holdout_report(models, train_events, holdout, item_ids, k=10)
+            for model_name, metrics in report.items():
+                st.metrics(metrics, prefix=f"{model_name}_")
+            tracking.log_figure(st.client, st.run_id, plots.model_vs_peers(report), "plots/holdout_vs_peers.png")
+            tracking.log_dict(st.client, st.run_id, report, "holdout_report.json")
+            new_ndcg = report["model"]["ndcg_at_10"]
+            decision = registry.gate(
+                new_ndcg,
+                report["champion"]["ndcg_at_10"] if "champion" in report else None,
+                report["popularity"]["ndcg_at_10"],
+                st.settings.champion_tolerance,
+            )
+        else:
+            new_ndcg = float("nan")
+            decision = registry.GateDecision(
+                promote=champion is None,
+                publish="new" if champion is None else "champion",
+                reason="no holdout days to evaluate on yet: "
+                + ("first model, promoted" if champion is None else "kept the champion"),
+            )
+        version = registry.register_model(
+            st.client, name, Path(state["model_dir"]), parent_run_id, {"holdout_ndcg_at_10": new_ndcg}
+        )
+        if decision.promote:
+            registry.promote(st.client, name, version)
+        serve_new = decision.publish == "new" or champion is None
+        result = {
+            "model_version": version if serve_new else champion.version,
+            "serving_model_dir": state["model_dir"] if serve_new else str(champion.path),
+            "candidate_version": version,
+            "promoted": decision.promote,
+            "published_model": "new" if serve_new else "champion",
+            "reason": decision.reason,
+            "holdout": report,
+        }
+        for key in ("promoted", "published_model", "reason", "candidate_version"):
+            st.client.set_tag(st.run_id, f"nightrec.gate.{key}", str(result[key]))
+            st.client.set_tag(parent_run_id, f"nightrec.gate.{key}", str(result[key]))
+        _write_state(Path(workdir), "gate", result)
+        return result
+
+
+@task(name="compress-and-index", **RETRY)
+def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
+    """Served vectors for every known user, compressed within the quality tolerance, and a recall-checked index."""
+    from nightrec.storage.vectors import save_served_vectors
+    from nightrec.tasks import compress, index, train
+
+    with _Stage(parent_run_id, "compress-and-index") as st:
+        gate = read_state(Path(workdir), "gate")
+        recommender = train.Recommender.load(Path(gate["serving_model_dir"]))
+        events = night_events(st.lake, run_date)
+        users = known_users(st.lake, events)
+        full = recommender.served_vectors(events, users)
+        full.meta.update({"model_version": gate["model_version"], "embedding_model": st.settings.embedding_model})
+        chosen, codec = full, "Flat"
+        train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
+        if holdout.height:
+            # Compression is judged on vectors adapted without the holdout, then applied to everyone's full vectors.
+            holdout_users = sorted(set(holdout["user_id"].to_list()))
+            probe = recommender.served_vectors(train_events, holdout_users)
+            quality = served_ndcg(train_events, holdout, k=10)
+            result = compress.compress_served(probe, quality, st.settings.champion_tolerance, st.settings.seed)
+            chosen, codec = result.apply(full), result.codec
+            tracking.log_dict(st.client, st.run_id, result.table, "compression_table.json")
+            tracking.log_figure(st.client, st.run_id, result.figure(), "plots/compression_tradeoff.png")
+            st.client.set_tag(st.run_id, "nightrec.compression", result.chosen)
+        vectors_dir = save_served_vectors(chosen, Path(workdir) / "vectors")
+        stats = index.build_checked_index(
+            chosen.item_matrix,
+            chosen.item_ids,
+            chosen.user_matrix,
+            Path(workdir) / "index",
+            k=st.settings.top_k,
+            min_recall=st.settings.min_index_recall,
+            codec=codec,
+            embedding_model=st.settings.embedding_model,
+            seed=st.settings.seed,
+        )
+        tracking.log_params(st.client, st.run_id, {"factory": stats["factory"], "codec": codec})
+        st.metrics({k: v for k, v in stats.items() if k != "search_params"})
+        st.metrics({"served_bytes_full": full.nbytes(), "served_bytes": chosen.nbytes(), "users": len(users)})
+        st.client.log_artifacts(st.run_id, str(Path(workdir) / "index"), "index")
+        _write_state(Path(workdir), "index", {"vectors_dir": str(vectors_dir), **stats})
+        return stats
+
+
+@task(name="publish", **RETRY)
+def publish_lists(run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
+    """Top-k with reasons for every known user, checked, then published atomically with the LATEST pointer."""
+    from nightrec.storage import publication
+    from nightrec.storage.vectors import load_served_vectors
+    from nightrec.tasks import publish
+
+    with _Stage(parent_run_id, "publish") as st:
+        gate = read_state(Path(workdir), "gate")
+        vectors = load_served_vectors(Path(workdir) / "vectors")
+        history = night_events(st.lake, run_date)
+        items = st.lake.read_items()
+        exclude = None
+        if st.settings.exclude_unavailable:
+            exclude = set(items.filter(pl.col("available").eq(False))["item_id"].to_list())
+        batches = publish.build_lists(
+            vectors,
+            Path(workdir) / "index",
+            history,
+            items,
+            k=st.settings.top_k,
+            run_date=run_date,
+            model_version=str(gate["model_version"]),
+            exclude_items=exclude,
+        )
+        pointer = {"date": run_date.isoformat(), "mlflow_run_id": parent_run_id, "model_version": gate["model_version"]}
+        stats = publication.publish(st.lake, run_date, batches, pointer)
+        _, table = publication.read_latest(st.lake)
+        problems = publish.check_lists(table, history, vectors.user_ids, st.settings.top_k)
+        st.metrics({**stats, "problems": len(problems)})
+        if problems:
+            raise RuntimeError(f"published lists for {run_date} failed the checker: {problems[:5]}")
+        return stats
