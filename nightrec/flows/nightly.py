@@ -64,7 +64,8 @@ def _run_night(settings: Settings, day: dt.date, trigger: str) -> dict:
         "prefect.flow_run_id": str(flow_run.id or ""),
     }
     parent = tracking.start_run(client, exp, f"nightly-{day.isoformat()}", tags)
-    workdir = settings.home / "runs" / day.isoformat() / parent
+    night_dir = settings.home / "runs" / day.isoformat()
+    workdir = night_dir / parent
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         summary: dict = {"run_date": day.isoformat(), "mlflow_run_id": parent, "trigger": trigger}
@@ -73,8 +74,10 @@ def _run_night(settings: Settings, day: dt.date, trigger: str) -> dict:
         summary["embed_items"] = stages.embed_items(parent)
         summary["embed_users"] = stages.embed_users(day, parent)
         champion = registry.champion(client, settings.registered_model)
-        summary["train"] = stages.train_model(day, parent, str(workdir), str(champion.path) if champion else None)
-        summary["gate"] = stages.evaluate_and_gate(day, parent, str(workdir))
+        summary["train"] = stages.train_model(
+            day, parent, str(night_dir / "models"), str(champion.path) if champion else None
+        )
+        summary["gate"] = stages.evaluate_and_gate(day, parent, str(workdir), summary["train"]["model_dir"])
         summary["index"] = stages.compress_and_index(day, parent, str(workdir))
         summary["publish"] = stages.publish_lists(day, parent, str(workdir))
         _report(settings, client, exp, parent, summary)

@@ -165,9 +165,52 @@ def embed_users(run_date: dt.date, parent_run_id: str) -> dict:
         return stats
 
 
-@task(name="train", **RETRY)
-def train_model(run_date: dt.date, parent_run_id: str, workdir: str, champion_dir: str | None) -> dict:
-    """Meta-train on events before the holdout cut, warm-started from the champion when there is one."""
+def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
+    """Content key of everything training reads: events before the date, the catalogue, settings, champion, code."""
+    import hashlib
+
+    import nightrec.tasks.train as train_module
+
+    settings = Settings()
+    lake = Lake(settings.lake_root)
+    digest = hashlib.sha256()
+    for day in lake.event_dates():
+        if day < run_date:
+            digest.update(day.isoformat().encode())
+            digest.update(hashlib.sha256((lake.events_partition(day) / "part-0.parquet").read_bytes()).digest())
+    if lake.items_file.exists():
+        digest.update(hashlib.sha256(lake.items_file.read_bytes()).digest())
+    digest.update(Path(train_module.__file__).read_bytes())  # the code version
+    for value in (
+        run_date,
+        settings.holdout_days,
+        settings.seed,
+        settings.train_epochs,
+        settings.warm_start,
+        settings.embedding_model,
+        settings.item_text_template,
+        champion_dir,
+    ):
+        digest.update(repr(value).encode())
+    return digest.hexdigest()[:24]
+
+
+def _train_cache_key(context, parameters: dict) -> str:
+    return f"train-{parameters['run_date']}-{train_inputs_key(parameters['run_date'], parameters['champion_dir'])}"
+
+
+@task(
+    name="train",
+    retries=1,
+    retry_delay_seconds=5,
+    cache_key_fn=_train_cache_key,
+    persist_result=True,
+    cache_expiration=dt.timedelta(days=7),
+)
+def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champion_dir: str | None) -> dict:
+    """Meta-train on events before the holdout cut, warm-started from the champion when there is one.
+
+    Cached by the content of its inputs (a re-run of a night after a later stage failed skips training)."""
     from nightrec.flows import plots
     from nightrec.tasks import embed, train
 
@@ -183,7 +226,7 @@ def train_model(run_date: dt.date, parent_run_id: str, workdir: str, champion_di
         tracking.log_params(st.client, st.run_id, {**config.to_dict(), "init_from": init_from or "scratch"})
         # No profile vectors: today's profiles include the holdout days, which would leak into the evaluation.
         recommender = train.fit_recommender(train_events, item_ids, text, None, config, init_from=init_from)
-        model_dir = recommender.save(Path(workdir) / "model")
+        model_dir = recommender.save(Path(models_root) / train_inputs_key(run_date, champion_dir))
         losses = recommender.meta.get("losses") or []
         for epoch, loss in enumerate(losses):
             tracking.log_metrics(st.client, st.run_id, {"train_loss": loss}, step=epoch)
@@ -197,12 +240,11 @@ def train_model(run_date: dt.date, parent_run_id: str, workdir: str, champion_di
             **{k: v for k, v in recommender.meta.items() if isinstance(v, int | float)},
         }
         st.metrics(stats)
-        _write_state(Path(workdir), "train", {"model_dir": str(model_dir), **stats})
-        return stats
+        return {"model_dir": str(model_dir), "train_run_id": st.run_id, **stats}
 
 
 @task(name="evaluate-and-gate", **RETRY)
-def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
+def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model_dir: str) -> dict:
     """Score the new model, the champion and popularity on the holdout; register, maybe promote, pick what to serve."""
     from nightrec.flows import plots
     from nightrec.storage import registry
@@ -210,11 +252,10 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str) -> di
 
     with _Stage(parent_run_id, "evaluate-and-gate") as st:
         name = st.settings.registered_model
-        state = read_state(Path(workdir), "train")
         events = night_events(st.lake, run_date)
         train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
         champion = registry.champion(st.client, name)
-        models = {"model": train.Recommender.load(Path(state["model_dir"]))}
+        models = {"model": train.Recommender.load(Path(model_dir))}
         if champion is not None:
             models["champion"] = train.Recommender.load(Path(champion.path))
         report: dict[str, dict[str, float]] = {}
@@ -241,14 +282,14 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str) -> di
                 + ("first model, promoted" if champion is None else "kept the champion"),
             )
         version = registry.register_model(
-            st.client, name, Path(state["model_dir"]), parent_run_id, {"holdout_ndcg_at_10": new_ndcg}
+            st.client, name, Path(model_dir), parent_run_id, {"holdout_ndcg_at_10": new_ndcg}
         )
         if decision.promote:
             registry.promote(st.client, name, version)
         serve_new = decision.publish == "new" or champion is None
         result = {
             "model_version": version if serve_new else champion.version,
-            "serving_model_dir": state["model_dir"] if serve_new else str(champion.path),
+            "serving_model_dir": model_dir if serve_new else str(champion.path),
             "candidate_version": version,
             "promoted": decision.promote,
             "published_model": "new" if serve_new else "champion",

@@ -1,0 +1,64 @@
+"""Backfills as an engineer runs them: three dates, a re-run that skips them, --force on one date."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from nightrec.flows.cli import app
+from nightrec.settings import Settings
+from nightrec.storage.lake import Lake
+from tests.conftest import tree_digest
+from tests.flows.conftest import FIRST_NIGHT, demo_home
+
+pytestmark = pytest.mark.prefect
+
+DATES = [FIRST_NIGHT + dt.timedelta(days=i) for i in range(3)]
+
+
+def backfill(*extra: str):
+    args = ["backfill", "--start", DATES[0].isoformat(), "--end", DATES[-1].isoformat(), *extra]
+    return CliRunner().invoke(app, args)
+
+
+def test_three_day_backfill_then_skip_then_force_one_date(prefect_server, tmp_path, monkeypatch):
+    demo_home(tmp_path, monkeypatch)
+    first = backfill()
+    assert first.exit_code == 0, first.output
+    settings = Settings()
+    lake = Lake(settings.lake_root)
+    assert lake.published_dates() == DATES
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.mlflow_experiment).experiment_id
+    runs = client.search_runs([exp], filter_string="tags.`nightrec.kind` = 'nightly'")
+    assert sorted(r.data.tags["nightrec.run_date"] for r in runs) == [d.isoformat() for d in DATES]
+    assert {r.data.tags["nightrec.trigger"] for r in runs} == {"backfill"}
+    assert lake.read_latest_pointer()["date"] == DATES[-1].isoformat()
+
+    partitions = {d: tree_digest(lake.recommendations_partition(d)) for d in DATES}
+    again = backfill()
+    assert again.exit_code == 0 and "skipped 3 already published" in again.output
+    assert {d: tree_digest(lake.recommendations_partition(d)) for d in DATES} == partitions
+    assert len(client.search_runs([exp], filter_string="tags.`nightrec.kind` = 'nightly'")) == 3
+
+    forced = CliRunner().invoke(
+        app, ["backfill", "--start", DATES[1].isoformat(), "--end", DATES[1].isoformat(), "--force"]
+    )
+    assert forced.exit_code == 0, forced.output
+    after = {d: tree_digest(lake.recommendations_partition(d)) for d in DATES}
+    assert after[DATES[0]] == partitions[DATES[0]] and after[DATES[2]] == partitions[DATES[2]]
+    assert after[DATES[1]] != partitions[DATES[1]]  # rewritten: the manifest records the new run
+    runs = client.search_runs([exp], filter_string=f"tags.`nightrec.run_date` = '{DATES[1].isoformat()}'")
+    assert len([r for r in runs if r.data.tags.get("nightrec.kind") == "nightly"]) == 2
+
+
+def test_failed_date_stops_the_backfill_and_names_it(prefect_server, tmp_path, monkeypatch):
+    demo_home(tmp_path, monkeypatch)
+    monkeypatch.setenv("NIGHTREC_EVENTS_SOURCE", str(tmp_path / "not-landed-yet-*.csv"))
+    result = backfill()
+    assert result.exit_code == 1
+    assert f"backfill stopped at {DATES[0]}" in result.output and "resumes from" in result.output
+    assert Lake(Settings().lake_root).published_dates() == []
