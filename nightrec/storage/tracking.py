@@ -85,3 +85,19 @@ def find_parent_runs(client: MlflowClient, exp_id: str, run_date: dt.date) -> li
         filter_string=f"tags.nightrec.run_date = '{run_date.isoformat()}' and tags.nightrec.kind = 'nightly'",
         order_by=["attributes.start_time DESC"],
     )
+
+
+def log_dataset(
+    client: MlflowClient, run_id: str, name: str, digest: str, source: str, profile: Mapping[str, object], context: str
+) -> None:
+    """Record a dataset input (shown in the run's "Datasets used" panel): digest, source, row counts, date range."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(
+        name=name,
+        digest=digest[:36],
+        source_type="local" if "://" not in source else source.split("://", 1)[0],
+        source=json.dumps({"uri": source}),
+        profile=json.dumps(dict(profile), default=str),
+    )
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
