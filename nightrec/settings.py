@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     champion_tolerance: float = Field(default=0.02, ge=0.0, description="Relative NDCG@10 loss allowed vs champion.")
     min_index_recall: float = Field(default=0.99, ge=0.0, le=1.0)
     seed: int = 42
-    train_epochs: int | None = Field(default=None, gt=0, description="Override the trainer's epoch count (tests, quick runs).")
+    train_epochs: int | None = Field(
+        default=None, gt=0, description="Override the trainer's epoch count (tests, quick runs)."
+    )
     warm_start: bool = Field(default=True, description="Start the night's training from the current champion.")
     exclude_unavailable: bool = Field(default=True, description="Never recommend items marked available=false.")
 
