@@ -49,6 +49,24 @@ class Settings(BaseSettings):
     embedding_device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps.")
     item_text_template: str = "{title}. Genres: {genres}. {description}"
     user_history_items: int = Field(default=20, gt=0, description="Most recent items in a user's profile text.")
+    embedding_pooling: str = Field(
+        default="auto",
+        description="auto (the model's sentence-transformers config, else mean for encoders and "
+        "last-token for decoders), mean, cls or last.",
+    )
+    embedding_query_prefix: str = Field(
+        default="", description="Prepended to user profile texts (the queries), e.g. 'query: ' for e5 models."
+    )
+    embedding_document_prefix: str = Field(
+        default="", description="Prepended to item texts (the documents), e.g. 'passage: ' for e5 models."
+    )
+    embedding_fast_path: str = Field(
+        default="none", description="none (exact fp32 on CPU) or int8 (dynamic per-channel int8 Linear layers, CPU)."
+    )
+    embedding_threads: int = Field(default=0, ge=0, description="CPU threads for embedding; 0 = all usable cores.")
+    embedding_chunk_size: int = Field(
+        default=8192, gt=0, description="Texts embedded and written per part file: bounds memory on any catalogue."
+    )
 
     # Recommender and publication
     top_k: int = Field(default=50, gt=0)

