@@ -409,7 +409,9 @@ def current_item_keys(items: pl.DataFrame, settings: Settings) -> tuple[pl.DataF
 
 
 def item_cache_folder(lake: Lake, settings: Settings) -> Path:
-    return store.encoder_folder(lake.item_embeddings_dir, settings_encoder_key(settings))
+    """One folder per (encoder, template + prefix): switching either back and forth never re-embeds."""
+    template = store.text_hash(_item_salt(settings))[:8]
+    return store.encoder_folder(lake.item_embeddings_dir, f"{settings_encoder_key(settings)}|template={template}")
 
 
 def embed_items(lake: Lake, settings: Settings) -> dict[str, float]:
