@@ -279,3 +279,14 @@ def test_users_recomputed_only_when_history_or_attributes_change(lake, settings)
     assert (third["embedded"], third["reused"]) == (1, 2)
     with pytest.raises(embed.MissingEmbeddingsError, match="2026-01-01"):
         embed.load_user_embeddings(lake, settings, dt.date(2026, 1, 1))
+
+
+def test_pooled_history_vectors_average_the_recent_items(lake, settings):
+    embed.embed_items(lake, settings)
+    pooled = embed.pooled_history_vectors(lake, settings.model_copy(update={"user_history_items": 1}), DAY1)
+    assert set(pooled) == {"u1", "u2"}  # u3 has no events
+    latest = embed.load_item_embeddings(lake, settings, ["i02", "i03"])
+    np.testing.assert_allclose(pooled["u1"], latest[0], atol=1e-6)  # u1's newest item only
+    both = embed.pooled_history_vectors(lake, settings, DAY1)["u1"]
+    mean = embed.load_item_embeddings(lake, settings, ["i01", "i02"]).mean(axis=0)
+    np.testing.assert_allclose(both, mean / np.linalg.norm(mean), atol=1e-6)
