@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import polars as pl
 
 from nightrec.settings import Settings
 from nightrec.storage import atomic
-from nightrec.storage.lake import Lake
+from nightrec.storage.lake import PART_FILE, Lake
 from nightrec.storage.schemas import EVENTS, ITEMS
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "event_type", "value")
@@ -24,6 +25,8 @@ MAX_ID_LENGTH = 256
 DEFAULT_EVENT_TYPE = "view"
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 _FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
+# Columns the validators add; a source column of the same name is renamed so that it cannot be mistaken for ours.
+_RESERVED = ("reason", "source_file", "_ts", "_event_type", "_value", "_updated", "_available", "_date")
 _TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M%z", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 
 
@@ -86,16 +89,24 @@ def read_as_text(path: Path) -> pl.LazyFrame:
 
 
 def _to_text(name: str, dtype: pl.DataType) -> pl.Expr:
-    col = pl.col(name)
+    return _text_expr(pl.col(name), dtype).alias(name)
+
+
+def _text_expr(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    """Any column type as text: instants as epoch seconds, lists joined with ``|``, nested values as JSON."""
     if isinstance(dtype, pl.Datetime):
         # Keep the instant exactly: epoch seconds with microseconds; naive values are taken as UTC.
         aware = col if dtype.time_zone else col.dt.replace_time_zone("UTC")
-        return (aware.dt.epoch("us").cast(pl.Float64) / 1e6).cast(pl.String).alias(name)
-    if isinstance(dtype, pl.List):
-        return col.cast(pl.List(pl.String)).list.join("|").alias(name)
+        return (aware.dt.epoch("us").cast(pl.Float64) / 1e6).cast(pl.String)
+    if isinstance(dtype, (pl.List, pl.Array)):
+        # Each element to text first: a cast of a list of structs (JSON Lines with nested objects) to text fails.
+        elements = col.cast(pl.List(dtype.inner)) if isinstance(dtype, pl.Array) else col
+        return elements.list.eval(_text_expr(pl.element(), dtype.inner)).list.join("|")
     if isinstance(dtype, pl.Struct):
-        return col.struct.json_encode().alias(name)
-    return col.cast(pl.String).alias(name)
+        return col.struct.json_encode()
+    if isinstance(dtype, (pl.Binary, pl.Object)):
+        return pl.lit(None, pl.String)  # no text form we would trust as an id or a timestamp: the row fails as missing
+    return col.cast(pl.String)
 
 
 def apply_column_mapping(frame: pl.LazyFrame, mapping: dict[str, str], required: tuple[str, ...], source: str):
@@ -178,19 +189,19 @@ def validate_events(frame: pl.LazyFrame, settings: Settings, now: dt.datetime) -
     return frame.with_columns(reason=_first_reason(rules))
 
 
-def typed_events(validated: pl.LazyFrame) -> pl.LazyFrame:
-    """The valid rows in the lake's EVENTS schema, exact repeats removed, in a deterministic order."""
-    return (
-        validated.filter(pl.col("reason").is_null())
-        .select(
-            pl.col("user_id").str.strip_chars(),
-            pl.col("item_id").str.strip_chars(),
-            pl.col("_ts").alias("timestamp"),
-            pl.col("_event_type").alias("event_type"),
-            pl.col("_value").alias("value"),
-        )
-        .unique(maintain_order=False)
-        .sort("timestamp", "user_id", "item_id", "event_type", "value", nulls_last=True)
+def typed_events(validated: pl.LazyFrame, dedupe: bool = True) -> pl.LazyFrame:
+    """The valid rows in the lake's EVENTS schema; with ``dedupe``, exact repeats removed, in a deterministic order."""
+    typed = validated.filter(pl.col("reason").is_null()).select(
+        pl.col("user_id").str.strip_chars(),
+        pl.col("item_id").str.strip_chars(),
+        pl.col("_ts").alias("timestamp"),
+        pl.col("_event_type").alias("event_type"),
+        pl.col("_value").alias("value"),
+    )
+    if not dedupe:
+        return typed
+    return typed.unique(maintain_order=False).sort(
+        "timestamp", "user_id", "item_id", "event_type", "value", nulls_last=True
     )
 
 
@@ -213,47 +224,78 @@ def _batch_id(source: str, rejected: pl.DataFrame) -> str:
     return digest.hexdigest()[:20]
 
 
+def rename_reserved(frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Rename source columns that clash with the columns validation adds (``reason`` -> ``reason_source``)."""
+    names = frame.collect_schema().names()
+    clashes = {n: _free_name(f"{n}_source", names) for n in names if n in _RESERVED}
+    return frame.rename(clashes) if clashes else frame
+
+
+def _free_name(name: str, taken: list[str]) -> str:
+    while name in taken:
+        name += "_"
+    return name
+
+
 def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, source: str, now=None) -> IngestReport:
-    """Validate a text frame and land it: valid rows merged into their date partitions, bad rows to quarantine."""
+    """Validate a text frame and land it: valid rows merged into their date partitions, bad rows to quarantine.
+
+    Streams: a first pass only counts rows per reason (so a file above the bad-row threshold is refused before
+    anything is written), a second pass sinks the valid rows by event date into a staging folder inside the lake,
+    then each day is merged on its own. Peak memory is about one day's partition, not the file.
+    """
     now = now or dt.datetime.now(dt.UTC)
+    frame = rename_reserved(frame)
     source_columns = frame.collect_schema().names()
     frame = apply_column_mapping(frame, settings.event_columns, ("user_id", "item_id", "timestamp"), source)
     mapped_columns = frame.collect_schema().names()
-    validated = validate_events(frame, settings, now).collect(engine="streaming")
-    report = IngestReport(source=source, rows=validated.height)
-    bad = validated.filter(pl.col("reason").is_not_null())
-    report.quarantined = bad.height
-    report.reasons = dict(bad.group_by("reason").len().sort("len", descending=True).iter_rows())
+    validated = validate_events(frame, settings, now)
+    counts = validated.group_by("reason").agg(pl.len().alias("n")).collect(engine="streaming")
+    report = IngestReport(source=source, rows=int(counts["n"].sum()))
+    bad_counts = counts.filter(pl.col("reason").is_not_null()).sort(["n", "reason"], descending=[True, False])
+    report.quarantined = int(bad_counts["n"].sum())
+    report.reasons = dict(bad_counts.iter_rows())
     if report.rows and report.quarantined / report.rows > settings.max_bad_fraction:
         top = "; ".join(f"{r} ({n})" for r, n in list(report.reasons.items())[:3])
         raise IngestError(
             f"{source}: {report.quarantined} of {report.rows} rows ({report.quarantined / report.rows:.1%}) failed "
             f"validation, above the {settings.max_bad_fraction:.1%} threshold; nothing was written. Top reasons: {top}"
         )
-    valid = typed_events(validated.lazy()).collect()
-    report.valid = valid.height
-    report.duplicates = validated.height - report.quarantined - valid.height
-    _merge_into_partitions(lake, valid)
-    report.dates = sorted({d.isoformat() for d in valid["timestamp"].dt.date().unique().to_list()})
+    rejected = None
     if report.quarantined:
-        rejected = quarantined_rows(bad.lazy(), mapped_columns, source).collect()
+        rejected = quarantined_rows(validated, mapped_columns, source).collect(engine="streaming")
         rejected = rejected.rename({ours: theirs for ours, theirs in zip(mapped_columns, source_columns, strict=True)})
+    staging = atomic.new_staging_dir(lake.root, "ingest")
+    try:
+        if report.rows > report.quarantined:
+            # Every row is read and typed before the first partition is touched: a file that fails mid-way
+            # (malformed bytes met late by a lazy scan) leaves the lake as it was.
+            staged = typed_events(validated, dedupe=False).with_columns(pl.col("timestamp").dt.date().alias("_date"))
+            staged.sink_parquet(pl.PartitionBy(staging, key="_date", include_key=True), mkdir=True)
+        kept = 0
+        for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
+            day_rows = pl.read_parquet(folder)
+            day = day_rows["_date"][0]
+            unique = day_rows.drop("_date").unique()
+            kept += unique.height
+            _merge_into_partition(lake, day, unique)
+            report.dates.append(day.isoformat())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.valid = kept
+    report.duplicates = report.rows - report.quarantined - kept
+    if rejected is not None:
         lake.append_quarantine(now.date(), rejected, f"events-{_batch_id(source, rejected)}")
     return report
 
 
-def _merge_into_partitions(lake: Lake, valid: pl.DataFrame) -> None:
-    """Union with what each day already holds, drop exact repeats, rewrite the day whole (idempotent re-ingest)."""
-    if valid.is_empty():
-        return
-    with_date = valid.with_columns(pl.col("timestamp").dt.date().alias("_date"))
-    for (day,), part in with_date.group_by("_date", maintain_order=True):
-        part = part.drop("_date")
-        existing_file = lake.events_partition(day) / "part-0.parquet"
-        if existing_file.exists():
-            part = pl.concat([pl.read_parquet(existing_file), part], how="vertical_relaxed")
-        merged = part.unique().sort("timestamp", "user_id", "item_id", "event_type", "value", nulls_last=True)
-        lake.write_events_partition(day, merged.cast(_events_frame_schema()))
+def _merge_into_partition(lake: Lake, day: dt.date, part: pl.DataFrame) -> None:
+    """Union with what the day already holds, drop exact repeats, rewrite the day whole (idempotent re-ingest)."""
+    existing_file = lake.events_partition(day) / PART_FILE
+    if existing_file.exists():
+        part = pl.concat([lake.read_events_partition(day), part], how="vertical_relaxed")
+    merged = part.unique().sort("timestamp", "user_id", "item_id", "event_type", "value", nulls_last=True)
+    lake.write_events_partition(day, merged.cast(_events_frame_schema()))
 
 
 def _refuse_unreadable(path: Path, exc: Exception) -> IngestError:
@@ -272,7 +314,7 @@ def ingest_events_file(lake: Lake, path: Path, settings: Settings, now=None) -> 
 # --- catalogue and users ------------------------------------------------------------------------------------------
 def normalise_items(frame: pl.LazyFrame, settings: Settings, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Text frame -> (items in the ITEMS schema, rejected rows with a reason)."""
-    frame = apply_column_mapping(frame, settings.item_columns, ("item_id", "title"), source)
+    frame = apply_column_mapping(rename_reserved(frame), settings.item_columns, ("item_id", "title"), source)
     names = frame.collect_schema().names()
     if "genres" not in names and "tags" in names:
         frame = frame.rename({"tags": "genres"})
