@@ -210,8 +210,16 @@ def _with_bad_rows(rng: np.random.Generator, events: pl.DataFrame, fraction: flo
     return pl.concat([events, broken]).sort("timestamp")
 
 
-def write_demo_files(folder: Path, spec: DemoSpec) -> dict[str, Path]:
-    """Write events.csv, items.jsonl and users.csv (two formats, as real exports come) and return their paths."""
+def write_demo_files(folder: Path, spec: DemoSpec, chunk_users: int | None = None) -> dict[str, Path]:
+    """Write events.csv, items.jsonl and users.csv (two formats, as real exports come) and return their paths.
+
+    With ``chunk_users`` the users and their events are generated and written one chunk of users at a time
+    (``events/events-NNNNN.csv``, one file per chunk, and ``users.csv`` appended), so memory stays bounded by a
+    chunk at any scale; ``paths["events"]`` is then that folder. The chunked output is seeded too, but it is a
+    different draw from the unchunked one.
+    """
+    if chunk_users is not None:
+        return write_demo_files_chunked(folder, spec, chunk_users)
     folder.mkdir(parents=True, exist_ok=True)
     events, items, users = generate(spec)
     paths = {"events": folder / "events.csv", "items": folder / "items.jsonl", "users": folder / "users.csv"}
@@ -219,6 +227,74 @@ def write_demo_files(folder: Path, spec: DemoSpec) -> dict[str, Path]:
     items.write_ndjson(paths["items"])
     users.write_csv(paths["users"])
     return paths
+
+
+def write_demo_files_chunked(folder: Path, spec: DemoSpec, chunk_users: int = 100_000) -> dict[str, Path]:
+    """The scale path of :func:`write_demo_files`: vectorised, one chunk of users in memory at a time."""
+    if chunk_users < 1:
+        raise ValueError(f"chunk_users must be positive, got {chunk_users}")
+    folder.mkdir(parents=True, exist_ok=True)
+    events_dir = folder / "events"
+    events_dir.mkdir(exist_ok=True)
+    for stale in events_dir.glob("events-*.csv"):  # a rerun with a bigger chunk must not leave extra files behind
+        stale.unlink()
+    rng = np.random.default_rng(spec.seed)
+    items, item_genre = _catalogue(rng, spec.items)
+    popularity = rng.pareto(1.2, size=len(item_genre)) + 1.0
+    by_genre = [np.flatnonzero(item_genre == g) for g in range(len(GENRES))]
+    genre_probs = [popularity[ix] / popularity[ix].sum() for ix in by_genre]
+    paths = {"events": events_dir, "items": folder / "items.jsonl", "users": folder / "users.csv"}
+    items.write_ndjson(paths["items"])
+    with open(paths["users"], "wb") as users_out:
+        for chunk, first in enumerate(range(0, spec.users, chunk_users)):
+            n = min(chunk_users, spec.users - first)
+            chunk_rng = np.random.default_rng([spec.seed, chunk])
+            users, taste = _users(chunk_rng, n)
+            users = users.with_columns(_ids("u", pl.Series(np.arange(first, first + n))).alias("user_id"))
+            users.write_csv(users_out, include_header=chunk == 0)
+            n_events = round(spec.events * n / spec.users)
+            events = _chunk_events(chunk_rng, spec, n_events, first, taste, by_genre, genre_probs)
+            events.write_csv(events_dir / f"events-{chunk:05d}.csv")
+    return paths
+
+
+def _ids(prefix: str, numbers: pl.Series) -> pl.Expr:
+    """Vectorised f"{prefix}{n:05d}" (the unchunked generator's id format)."""
+    return pl.lit(prefix) + pl.lit(numbers).cast(pl.String).str.zfill(5)
+
+
+def _chunk_events(
+    rng: np.random.Generator,
+    spec: DemoSpec,
+    n_events: int,
+    first_user: int,
+    taste: np.ndarray,
+    by_genre: list[np.ndarray],
+    genre_probs: list[np.ndarray],
+) -> pl.DataFrame:
+    """One chunk's events, the same generative story as :func:`_events` without per-row Python."""
+    n_users, n_genres = taste.shape
+    activity = rng.lognormal(0.0, 1.0, size=n_users)
+    counts = np.maximum(1, rng.multinomial(n_events, activity / activity.sum()))
+    user_idx = np.repeat(np.arange(n_users), counts)
+    explore = rng.random(len(user_idx)) < 0.1
+    genre = (rng.random((len(user_idx), 1)) < np.cumsum(taste, axis=1)[user_idx]).argmax(axis=1)
+    genre[explore] = rng.integers(0, n_genres, size=int(explore.sum()))
+    item_idx = np.empty(len(user_idx), dtype=np.int64)
+    for g in range(n_genres):
+        mask = genre == g
+        item_idx[mask] = rng.choice(by_genre[g], size=int(mask.sum()), p=genre_probs[g])
+    start = dt.datetime.combine(spec.end - dt.timedelta(days=spec.days - 1), dt.time(), tzinfo=dt.UTC)
+    seconds = int(start.timestamp()) + rng.integers(0, spec.days * 86400, size=len(user_idx))
+    kinds = rng.choice(EVENT_TYPES, size=len(user_idx), p=EVENT_PROBS)
+    events = pl.DataFrame({"u": user_idx + first_user, "i": item_idx, "s": seconds, "event_type": kinds.astype(str)})
+    events = events.select(
+        (pl.lit("u") + pl.col("u").cast(pl.String).str.zfill(5)).alias("user_id"),
+        (pl.lit("m") + pl.col("i").cast(pl.String).str.zfill(5)).alias("item_id"),
+        pl.from_epoch("s", time_unit="s").dt.strftime("%Y-%m-%dT%H:%M:%SZ").alias("timestamp"),
+        "event_type",
+    )
+    return _with_bad_rows(rng, events, spec.bad_row_fraction)
 
 
 def _upper_first(text: str) -> str:
