@@ -1,0 +1,130 @@
+"""Published recommendation lists: atomic publish of a date's partition and the ``LATEST`` pointer, and readers.
+
+Layout (DESIGN.md): ``lake/recommendations/date=D/part-0.parquet`` + ``_manifest.json`` (file, rows, bytes, sha256,
+users, run_date) and ``lake/recommendations/LATEST`` ({"date", "mlflow_run_id", "model_version"}).
+
+Crash safety, in order: the partition is written into a hidden staging folder beside its final place and fsynced,
+then swapped in with one rename (an exchange where the kernel has ``renameat2``), then ``LATEST`` is replaced by an
+fsynced temporary file and a rename. A crash before the swap leaves only a staging folder (removed by the next
+publish of that date); a crash between the swap and the pointer leaves ``LATEST`` on the previous date, whose
+partition is untouched. Readers check the file against its manifest (rows, size and sha256) before using a row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from nightrec.storage import atomic
+from nightrec.storage.lake import MANIFEST_FILE, PART_FILE, CorruptPartitionError, Lake, file_manifest, verify_parquet
+from nightrec.storage.schemas import RECOMMENDATIONS
+
+ROW_GROUP_ROWS = 256_000  # row groups of this size let a single-user read skip most of a large file
+
+
+class NothingPublishedError(FileNotFoundError):
+    """No ``LATEST`` pointer (or no partition for the requested date) yet."""
+
+
+def publish(
+    lake: Lake, day: dt.date, batches: Iterable[pa.RecordBatch], pointer: dict, *, move_latest_back: bool = False
+) -> dict:
+    """Write ``batches`` as the date's partition and point ``LATEST`` at it. Returns rows, users, bytes, sha256.
+
+    ``LATEST`` is not moved to a date older than the one it names (a backfill of past dates must not hide tonight's
+    lists) unless ``move_latest_back``. Memory stays bounded by one batch: rows are streamed to the file.
+    """
+    target = lake.recommendations_partition(day)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_own_leftovers(target)
+    staging = atomic.new_staging_dir(target.parent, target.name)
+    try:
+        rows, users = _write_batches(staging / PART_FILE, batches)
+        manifest = {**file_manifest(staging / PART_FILE), "users": users, "run_date": day.isoformat()}
+        atomic.write_json_atomic(staging / MANIFEST_FILE, manifest)
+        atomic.fsync_dir(staging)
+        atomic.replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already on success
+    current = lake.read_latest_pointer()
+    moved = current is None or move_latest_back or dt.date.fromisoformat(current["date"]) <= day
+    if moved:
+        atomic.write_json_atomic(lake.latest_pointer, {**pointer, "date": day.isoformat()})
+    return {"rows": rows, "users": users, "bytes": manifest["bytes"], "sha256": manifest["sha256"], "latest": moved}
+
+
+def _remove_own_leftovers(target: Path) -> None:
+    # Only this date's staging folders: another date may be publishing beside us right now.
+    for child in target.parent.glob(f".staging-{target.name}-*"):
+        shutil.rmtree(child, ignore_errors=True)
+
+
+def _write_batches(path: Path, batches: Iterable[pa.RecordBatch]) -> tuple[int, int]:
+    rows = users = 0
+    with pq.ParquetWriter(path, RECOMMENDATIONS, compression="zstd") as writer:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            table = pa.Table.from_batches([batch]).select(RECOMMENDATIONS.names).cast(RECOMMENDATIONS)
+            writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            rows += table.num_rows
+            users += int(pc.sum(pc.equal(table["rank"], 1)).as_py() or 0)  # one rank-1 row per user list
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+    return rows, users
+
+
+def partition_file(lake: Lake, day: dt.date) -> Path:
+    return lake.recommendations_partition(day) / PART_FILE
+
+
+def verify_partition(lake: Lake, day: dt.date, deep: bool = True) -> Path:
+    """The partition's file after checking it against its manifest (rows, size, and sha256 with ``deep``)."""
+    path = partition_file(lake, day)
+    if not path.parent.exists():
+        raise NothingPublishedError(f"no recommendations published for {day} ({path.parent})")
+    if not (path.parent / MANIFEST_FILE).exists():
+        raise CorruptPartitionError(f"{path}: manifest {MANIFEST_FILE} is missing")
+    verify_parquet(path, deep=deep)
+    return path
+
+
+def _latest_date(lake: Lake) -> tuple[dict, dt.date]:
+    pointer = lake.read_latest_pointer()
+    if pointer is None:
+        raise NothingPublishedError(f"nothing published yet ({lake.latest_pointer} is missing)")
+    return pointer, dt.date.fromisoformat(pointer["date"])
+
+
+def _read(path: Path, filters=None) -> pa.Table:
+    try:
+        return pq.read_table(path, schema=RECOMMENDATIONS, filters=filters)
+    except Exception as exc:  # bytes that pass the manifest check can still fail to decode
+        raise CorruptPartitionError(f"{path}: unreadable: {str(exc).strip().splitlines()[0]}") from exc
+
+
+def read_latest(lake: Lake) -> tuple[dict, pa.Table]:
+    """The ``LATEST`` pointer and the whole verified table it names."""
+    pointer, day = _latest_date(lake)
+    return pointer, _read(verify_partition(lake, day))
+
+
+def read_day(lake: Lake, day: dt.date) -> pa.Table:
+    return _read(verify_partition(lake, day))
+
+
+def read_user_list(lake: Lake, user_id: str, day: dt.date | None = None) -> pl.DataFrame:
+    """One user's list (rank order) from ``day`` or the latest publication; empty frame for an unknown user."""
+    if day is None:
+        _, day = _latest_date(lake)
+    path = verify_partition(lake, day)
+    table = _read(path, filters=[("user_id", "=", user_id)])
+    return pl.from_arrow(table).sort("rank")

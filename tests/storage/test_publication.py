@@ -1,0 +1,134 @@
+"""Atomic publication: LATEST moves only after a complete partition; crashes and corruption leave readers safe."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pyarrow as pa
+import pytest
+
+from nightrec.storage import publication
+from nightrec.storage.lake import CorruptPartitionError, Lake
+from nightrec.storage.schemas import REASON, RECOMMENDATIONS
+
+DAY1, DAY2 = dt.date(2026, 3, 1), dt.date(2026, 3, 2)
+
+
+def lists(day: dt.date, users: list[str], k: int = 3, version: str = "1") -> pa.RecordBatch:
+    rows = [(u, r) for u in users for r in range(1, k + 1)]
+    return pa.RecordBatch.from_pydict(
+        {
+            "user_id": [u for u, _ in rows],
+            "rank": [r for _, r in rows],
+            "item_id": [f"item{r}" for _, r in rows],
+            "score": [1.0 / r for _, r in rows],
+            "reasons": [[{"item_id": "h1", "title": "Seen", "weight": 0.5}] for _ in rows],
+            "run_date": [day] * len(rows),
+            "model_version": [version] * len(rows),
+        },
+        schema=RECOMMENDATIONS,
+    )
+
+
+def test_publish_then_read(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    stats = publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"]), lists(DAY1, ["c"])], {"model_version": "1"})
+    assert stats["rows"] == 9 and stats["users"] == 3 and stats["latest"]
+    pointer, table = publication.read_latest(lake)
+    assert pointer["date"] == "2026-03-01" and table.num_rows == 9
+    assert table.schema.field("reasons").type == pa.list_(REASON)
+    frame = publication.read_user_list(lake, "b")
+    assert frame["rank"].to_list() == [1, 2, 3] and frame["user_id"].unique().to_list() == ["b"]
+    assert publication.read_user_list(lake, "nobody").is_empty()
+
+
+def test_backfill_of_an_older_date_does_not_move_latest(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    publication.publish(lake, DAY2, [lists(DAY2, ["a"])], {"model_version": "2"})
+    stats = publication.publish(lake, DAY1, [lists(DAY1, ["a"])], {"model_version": "1"})
+    assert not stats["latest"] and lake.read_latest_pointer()["date"] == "2026-03-02"
+    assert publication.read_user_list(lake, "a", DAY1)["run_date"].to_list()[0] == DAY1
+
+
+def test_exception_mid_write_leaves_previous_lists(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"])], {"model_version": "1"})
+
+    def failing():
+        yield lists(DAY2, ["a"], version="2")
+        raise RuntimeError("scoring died")
+
+    with pytest.raises(RuntimeError, match="scoring died"):
+        publication.publish(lake, DAY2, failing(), {"model_version": "2"})
+    pointer, table = publication.read_latest(lake)
+    assert pointer["date"] == "2026-03-01" and table.num_rows == 6
+    assert not lake.recommendations_partition(DAY2).exists()
+    assert not [p for p in lake.recommendations_dir.iterdir() if p.name.startswith(".staging")]
+
+
+def test_sigkill_mid_write_leaves_previous_lists_readable(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"])], {"model_version": "1"})
+    publication.publish(lake, DAY2, [lists(DAY2, ["a", "b"], version="2")], {"model_version": "2"})
+    marker = tmp_path / "half-written"
+    # Re-publish DAY2 (the date LATEST names) and die mid-stream: the old DAY2 lists must survive intact.
+    script = textwrap.dedent(
+        f"""
+        import datetime as dt, pathlib, time
+        from nightrec.storage import publication
+        from nightrec.storage.lake import Lake
+        from tests.storage.test_publication import lists
+        def slow():
+            for i in range(1000):
+                yield lists(dt.date(2026, 3, 2), [f"u{{i}}-{{j}}" for j in range(200)], version="3")
+                if i == 5:
+                    pathlib.Path({str(marker)!r}).write_text("ok")
+                    time.sleep(60)
+        publication.publish(Lake({str(lake.root)!r}), dt.date(2026, 3, 2), slow(), {{"model_version": "3"}})
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd())
+    try:
+        deadline = time.time() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "publisher exited early"
+            assert time.time() < deadline, "publisher never reached the middle of its write"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [p for p in lake.recommendations_dir.iterdir() if p.name.startswith(".staging")], "no half-written staging"
+    pointer, table = publication.read_latest(lake)
+    assert pointer == {"date": "2026-03-02", "model_version": "2"}
+    assert table.num_rows == 6 and set(table["model_version"].to_pylist()) == {"2"}
+    publication.publish(lake, DAY2, [lists(DAY2, ["z"], version="4")], {"model_version": "4"})
+    assert not [p for p in lake.recommendations_dir.iterdir() if p.name.startswith(".staging")]
+    assert publication.read_latest(lake)[0]["model_version"] == "4"
+
+
+def test_truncated_or_altered_file_raises_naming_it(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"])], {"model_version": "1"})
+    path = publication.partition_file(lake, DAY1)
+    data = bytearray(path.read_bytes())
+    data[40] ^= 0xFF  # inside the first data page: same size, different bytes: only the checksum can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptPartitionError, match="sha256") as err:
+        publication.read_user_list(lake, "a")
+    assert str(path) in str(err.value)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CorruptPartitionError, match="part-0.parquet"):
+        publication.read_latest(lake)
+
+
+def test_nothing_published(tmp_path):
+    with pytest.raises(publication.NothingPublishedError):
+        publication.read_latest(Lake(tmp_path / "lake"))
