@@ -1,0 +1,238 @@
+"""Lake: paths never leave the lake, and a truncated or altered events partition is caught naming the file."""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from nightrec.settings import Settings
+from nightrec.storage import atomic
+from nightrec.storage.lake import MANIFEST_FILE, PART_FILE, CorruptPartitionError, Lake, UnsafePathError
+from nightrec.tasks import ingest
+from tests.conftest import REPO, tree_digest
+
+DAY = dt.date(2026, 11, 20)
+NOW = dt.datetime(2026, 11, 22, 12, tzinfo=dt.UTC)
+
+
+def events(n: int, day: dt.date = DAY) -> pl.DataFrame:
+    start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    return pl.DataFrame(
+        {
+            "user_id": [f"u{i}" for i in range(n)],
+            "item_id": [f"i{i % 7}" for i in range(n)],
+            "timestamp": [start + dt.timedelta(seconds=i) for i in range(n)],
+            "event_type": ["view"] * n,
+            "value": [float(i) for i in range(n)],
+        }
+    ).with_columns(pl.col("timestamp").dt.cast_time_unit("us"))
+
+
+@pytest.fixture
+def lake(tmp_path) -> Lake:
+    return Lake(tmp_path / "home" / "lake")
+
+
+# --- paths --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "batch_id", ["../../etc/passwd", "/etc/passwd", "..", ".", "", "a/b", "a\\b", "a\x00b", "../../../../tmp/x"]
+)
+def test_unsafe_batch_ids_are_refused(lake, batch_id):
+    with pytest.raises(UnsafePathError):
+        lake.append_quarantine(DAY, pl.DataFrame({"reason": ["x"]}), batch_id)
+    assert not lake.root.exists() or not any(lake.root.rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("key", ["../../etc", "2026-11-20/../../x", "/etc", None, 20261120])
+def test_partition_keys_must_be_dates(lake, key):
+    for helper in (lake.events_partition, lake.quarantine_partition, lake.recommendations_partition):
+        with pytest.raises(UnsafePathError, match="must be a date"):
+            helper(key)
+
+
+def test_a_symlink_out_of_the_lake_is_refused(tmp_path, lake):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    lake.root.mkdir(parents=True)
+    (lake.root / "events").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match="outside the lake"):
+        lake.events_partition(DAY)
+
+
+def test_hostile_ids_stay_data_and_never_become_paths(tmp_path):
+    """Ids that look like paths land as values (or are quarantined); no file appears outside the home."""
+    settings = Settings(home=tmp_path / "home", max_bad_fraction=1.0)
+    lake = Lake(settings.lake_root)
+    hostile = [
+        "../../etc/passwd",
+        "/etc/shadow",
+        "..",
+        "C:\\Windows",
+        "~root",
+        "a\x00b",
+        "%2e%2e%2f",
+        "date=2026-01-01",
+    ]
+    rows = "".join(f'"{h}","{h}",2026-11-20T10:00:00Z,view,\n' for h in hostile)
+    path = tmp_path / "e.csv"
+    path.write_bytes(("user_id,item_id,timestamp,event_type,value\n" + rows).encode())
+    before = {p for p in tmp_path.rglob("*") if not p.is_relative_to(settings.home)}
+    report = ingest.ingest_events_file(lake, path, settings, now=NOW)
+    after = {p for p in tmp_path.rglob("*") if not p.is_relative_to(settings.home)}
+    assert after == before
+    assert (report.valid, report.quarantined) == (len(hostile) - 1, 1)  # the NUL one: control characters
+    landed = set(lake.scan_events().collect()["user_id"].to_list())
+    assert "../../etc/passwd" in landed and "/etc/shadow" in landed
+    files = {str(p.relative_to(lake.root)) for p in lake.root.rglob("*") if p.is_file()}
+    assert files <= {f"events/date=2026-11-20/{PART_FILE}", f"events/date=2026-11-20/{MANIFEST_FILE}"} | {
+        f for f in files if f.startswith("quarantine/date=2026-11-22/part-events-")
+    }
+
+
+def test_no_pickle_loading_in_the_package():
+    """Nothing under nightrec/ unpickles: no pickle/joblib/dill loads, torch.load only with weights_only=True,
+    numpy loads without allow_pickle, no pandas read_pickle."""
+    offenders = []
+    for source in sorted((REPO / "nightrec").rglob("*.py")):
+        tree = ast.parse(source.read_text(), filename=str(source))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if any(n.split(".")[0] in {"pickle", "cPickle", "dill", "cloudpickle", "joblib"} for n in names):
+                    offenders.append(f"{source}:{node.lineno} imports a pickle library")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                keywords = {k.arg: k.value for k in node.keywords}
+                name = node.func.attr
+                if name == "read_pickle":
+                    offenders.append(f"{source}:{node.lineno} read_pickle")
+                if name == "load" and getattr(node.func.value, "id", "") == "torch":
+                    weights_only = keywords.get("weights_only")
+                    if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                        offenders.append(f"{source}:{node.lineno} torch.load without weights_only=True")
+                allow = keywords.get("allow_pickle")
+                if allow is not None and not (isinstance(allow, ast.Constant) and allow.value is False):
+                    offenders.append(f"{source}:{node.lineno} allow_pickle")
+    assert offenders == []
+
+
+# --- integrity ----------------------------------------------------------------------------------------------------
+def test_a_partition_is_published_with_its_manifest(lake):
+    lake.write_events_partition(DAY, events(50))
+    folder = lake.events_partition(DAY)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    assert manifest["rows"] == 50 and manifest["bytes"] == (folder / PART_FILE).stat().st_size
+    assert manifest["sha256"] == atomic.sha256_file(folder / PART_FILE)
+    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST_FILE, PART_FILE]
+    assert not [p for p in lake.events_dir.iterdir() if p.name.startswith(".")], "staging left behind"
+    assert lake.scan_events().collect().height == 50
+    assert lake.verify_events(deep=True) == [folder / PART_FILE]
+
+
+def test_rewriting_a_partition_replaces_file_and_manifest_together(lake):
+    lake.write_events_partition(DAY, events(50))
+    lake.write_events_partition(DAY, events(20))
+    assert lake.scan_events().collect().height == 20
+    assert json.loads((lake.events_partition(DAY) / MANIFEST_FILE).read_text())["rows"] == 20
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_a_byte_in_the_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _replace_with_another_valid_file(path: Path) -> None:
+    pq.write_table(events(3).to_arrow(), path)  # a well-formed Parquet file that is not the one published
+
+
+def _drop_the_footer_magic(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-4] + b"XXXX")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message", "cheap"),
+    [
+        (_truncate, "truncated or corrupted Parquet", True),
+        (_drop_the_footer_magic, "truncated or corrupted Parquet", True),
+        (_replace_with_another_valid_file, "does not match its manifest", True),
+        (_flip_a_byte_in_the_middle, "sha256 differs from its manifest", False),
+    ],
+)
+def test_damaged_partitions_are_named_when_read(lake, damage, message, cheap):
+    lake.write_events_partition(DAY, events(500))
+    lake.write_events_partition(DAY + dt.timedelta(days=1), events(5, DAY + dt.timedelta(days=1)))
+    damaged = lake.events_partition(DAY) / PART_FILE
+    damage(damaged)
+    with pytest.raises(CorruptPartitionError, match=message) as err:
+        lake.verify_events(deep=True)
+    assert str(damaged) in str(err.value)
+    if cheap:  # footer, rows and size are checked on every scan; the full hash only by verify_events
+        with pytest.raises(CorruptPartitionError, match=message):
+            lake.scan_events()
+        with pytest.raises(CorruptPartitionError):
+            lake.read_events_partition(DAY)
+    # The healthy neighbour still reads on its own.
+    assert lake.scan_events(since=DAY + dt.timedelta(days=1)).collect().height == 5
+
+
+def test_ingest_refuses_to_merge_into_a_damaged_partition_and_writes_nothing(tmp_path, lake):
+    settings = Settings(home=tmp_path / "home", max_bad_fraction=1.0)
+    lake.write_events_partition(DAY, events(100))
+    _truncate(lake.events_partition(DAY) / PART_FILE)
+    before = tree_digest(lake.root)
+    path = tmp_path / "e.csv"
+    path.write_text("user_id,item_id,timestamp\nu1,i1,2026-11-20T10:00:00Z\n")
+    with pytest.raises(CorruptPartitionError, match=str(lake.events_partition(DAY) / PART_FILE)):
+        ingest.ingest_events_file(lake, path, settings, now=NOW)
+    assert tree_digest(lake.root) == before
+
+
+def test_partitions_written_without_a_manifest_still_read(lake):
+    """Files written directly (older lakes, tests) get the footer check only."""
+    atomic.write_parquet_atomic(events(7).to_arrow(), lake.events_partition(DAY) / PART_FILE)
+    assert lake.scan_events().collect().height == 7
+    _truncate(lake.events_partition(DAY) / PART_FILE)
+    with pytest.raises(CorruptPartitionError, match="truncated"):
+        lake.scan_events()
+
+
+def test_an_unreadable_manifest_is_named(lake):
+    lake.write_events_partition(DAY, events(5))
+    (lake.events_partition(DAY) / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(CorruptPartitionError, match="unreadable manifest"):
+        lake.scan_events()
+
+
+def test_a_crash_before_the_swap_leaves_the_old_partition(lake, monkeypatch):
+    lake.write_events_partition(DAY, events(10))
+    before = tree_digest(lake.root)
+
+    def crash(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(atomic, "replace_dir", crash)
+    with pytest.raises(OSError, match="disk full"):
+        lake.write_events_partition(DAY, events(99))
+    assert tree_digest(lake.root) == before
+    assert lake.scan_events().collect().height == 10
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    import hashlib
+
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(3 << 20))
+    assert atomic.sha256_file(path, chunk=1 << 16) == hashlib.sha256(path.read_bytes()).hexdigest()
