@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ DEFAULT_EVENT_TYPE = "view"
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 _FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
 # Columns the validators add; a source column of the same name is renamed so that it cannot be mistaken for ours.
+JSON_ERROR = "_json_error"  # set by the lenient JSON Lines reader on a line that is not a JSON object
 _RESERVED = ("reason", "source_file", "_ts", "_event_type", "_value", "_updated", "_available", "_date")
 _TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M%z", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 
@@ -79,14 +81,63 @@ def read_as_text(path: Path) -> pl.LazyFrame:
         if fmt == "csv":
             separator = "\t" if path.suffix.lower() == ".tsv" else ","
             frame = pl.scan_csv(path, separator=separator, infer_schema=False, truncate_ragged_lines=False)
-            frame.collect_schema()
-            return frame
-        frame = pl.read_ndjson(path, infer_schema_length=None)  # NDJSON has no text-only mode: cast after reading
+            names = frame.collect_schema().names()
+            return frame.rename({JSON_ERROR: f"{JSON_ERROR}_source"}) if JSON_ERROR in names else frame
+        try:
+            frame = pl.read_ndjson(path, infer_schema_length=None)  # no text-only mode: cast after reading
+        except pl.exceptions.PolarsError:
+            # One line with a broken record or a field whose type changes between lines fails the fast reader for
+            # the whole file; read it line by line instead so that only those lines are quarantined.
+            return read_jsonl_leniently(path)
+        frame = frame.rename({JSON_ERROR: f"{JSON_ERROR}_source"}) if JSON_ERROR in frame.columns else frame
         return frame.lazy().with_columns(_to_text(n, d) for n, d in frame.schema.items())
     except IngestError:
         raise
     except Exception as exc:  # polars raises many types for malformed input; name the file and the first line of why
         raise IngestError(f"{path}: cannot be read as {fmt.upper()}: {str(exc).splitlines()[0]}") from exc
+
+
+def read_jsonl_leniently(path: Path, max_raw_chars: int = 1000) -> pl.LazyFrame:
+    """JSON Lines parsed one line at a time with the json module (slower, whole file in memory; used only when the
+    fast reader fails): every value becomes text (objects and lists as JSON), a line that is not a JSON object
+    becomes a row whose ``JSON_ERROR`` column says why, so validation quarantines just that line."""
+    records: list[dict[str, str | None]] = []
+    keys: dict[str, None] = {}
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                record = f"line {number} is not valid JSON ({exc.msg})"
+            if not isinstance(record, dict):
+                why = record if isinstance(record, str) and record.startswith("line ") else "not a JSON object"
+                records.append(
+                    {
+                        JSON_ERROR: why if why.startswith("line ") else f"line {number} is {why}",
+                        "_raw_line": line.rstrip("\r\n")[:max_raw_chars],
+                    }
+                )
+                continue
+            row = {(f"{k}_source" if k in (JSON_ERROR, "_raw_line") else k): _json_text(v) for k, v in record.items()}
+            keys.update(dict.fromkeys(row))
+            records.append(row)
+    if not keys:
+        raise IngestError(f"{path}: cannot be read as JSONL: no line holds a JSON object")
+    columns = list(keys) + ([JSON_ERROR, "_raw_line"] if any(JSON_ERROR in r for r in records) else [])
+    data = {c: [r.get(c) for r in records] for c in columns}
+    return pl.DataFrame(data, schema=dict.fromkeys(columns, pl.String)).lazy()
+
+
+def _json_text(value) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 def looks_binary(path: Path, sample: int = 65536) -> bool:
@@ -153,6 +204,10 @@ def _missing(name: str) -> pl.Expr:
     return pl.col(name).is_null() | (pl.col(name).str.strip_chars() == "")
 
 
+def _json_error_rule(names: list[str]) -> list[tuple[pl.Expr, pl.Expr]]:
+    return [(pl.col(JSON_ERROR).is_not_null(), pl.col(JSON_ERROR))] if JSON_ERROR in names else []
+
+
 def _id_rules(name: str) -> list[tuple[pl.Expr, pl.Expr]]:
     return [
         (_missing(name), pl.lit(f"missing {name}")),
@@ -179,6 +234,7 @@ def validate_events(frame: pl.LazyFrame, settings: Settings, now: dt.datetime) -
     )
     value_given = pl.col("value").is_not_null() & (pl.col("value").str.strip_chars() != "")
     rules = [
+        *_json_error_rule(names),
         *_id_rules("user_id"),
         *_id_rules("item_id"),
         (_missing("timestamp"), pl.lit("missing timestamp")),
@@ -340,6 +396,7 @@ def normalise_items(frame: pl.LazyFrame, settings: Settings, source: str) -> tup
     )
     given = lambda c: pl.col(c).is_not_null() & (pl.col(c).str.strip_chars() != "")  # noqa: E731
     rules = [
+        *_json_error_rule(names),
         *_id_rules("item_id"),
         (_missing("title"), pl.lit("missing title")),
         (given("updated_at") & pl.col("_updated").is_null(), pl.lit("unparseable updated_at")),
@@ -411,6 +468,8 @@ def ingest_users_frame(lake: Lake, frame: pl.LazyFrame, source: str) -> IngestRe
     """User attributes, newest file wins per user; every attribute is kept as text."""
     frame = apply_column_mapping(frame, {}, ("user_id",), source)
     users = frame.collect().with_columns(pl.col("user_id").str.strip_chars()).filter(~_missing("user_id"))
+    if JSON_ERROR in users.columns:  # lines that were not JSON objects carry no user
+        users = users.filter(pl.col(JSON_ERROR).is_null()).drop(JSON_ERROR, "_raw_line")
     users = users.unique(subset=["user_id"], keep="last", maintain_order=True)
     existing = lake.read_users()
     if existing is not None:

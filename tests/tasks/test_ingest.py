@@ -203,3 +203,45 @@ def test_movielens_100k_lands_exactly(movielens_100k, tmp_path):
     events = lake.scan_events().collect()
     assert (report.quarantined, events.height) == (0, 100_000)
     assert (events["user_id"].n_unique(), events["item_id"].n_unique(), lake.read_items().height) == (943, 1682, 1682)
+
+
+# --- robustness found by the property tests -------------------------------------------------------------------------
+def test_jsonl_with_a_broken_line_and_changing_types_quarantines_only_those_lines(tmp_path, lake):
+    settings = Settings(home=tmp_path / "home", max_bad_fraction=1.0)
+    lines = [
+        '{"user_id": "u1", "item_id": "i1", "timestamp": "2026-11-20T10:00:00Z"}',
+        '{"user_id": {"id": 7}, "item_id": "i2", "timestamp": 1795168800, "value": [1, 2]}',
+        '["not", "an", "object"]',
+        '{"user_id": 9, "item_id": "i3", "timestamp": "2026-11-20T11:00:00Z", "meta": {"os": "ios"}}',
+        '{"user_id": "u4", "item_id": "i4", "timest',  # a writer killed mid-line
+    ]
+    report = ingest.ingest_events_file(lake, write(tmp_path, "e.jsonl", "\n".join(lines)), settings, now=NOW)
+    assert (report.rows, report.valid, report.quarantined) == (5, 2, 3)
+    assert report.reasons == {
+        "line 3 is not a JSON object": 1,
+        "line 5 is not valid JSON (Unterminated string starting at)": 1,
+        "value is not a number: '[1, 2]'": 1,
+    }
+    assert sorted(lake.scan_events().collect()["user_id"].to_list()) == ["9", "u1"]
+    assert quarantine(lake).filter(pl.col("reason").str.starts_with("line 5"))["_raw_line"].to_list() == [lines[4]]
+
+
+def test_source_columns_named_like_ours_are_kept_apart(tmp_path, settings, lake):
+    text = "user_id,item_id,timestamp,reason,_ts,source_file\nu1,i1,2026-11-20T10:00:00Z,r,t,s\nu2,,2026-11-20,r,t,s\n"
+    report = ingest.ingest_events_file(lake, write(tmp_path, "e.csv", text), settings, now=NOW)
+    assert (report.valid, report.reasons) == (1, {"missing item_id": 1})
+    bad = quarantine(lake)
+    assert bad.select("reason", "reason_source", "_ts_source", "source_file_source").row(0) == (
+        "missing item_id",
+        "r",
+        "t",
+        "s",
+    )
+
+
+def test_a_stray_nul_quarantines_its_row_but_a_binary_file_is_refused(tmp_path, settings, lake):
+    text = HEADER + GOOD + "u\x009,i9,2026-11-20,view,\n" + "u5,i5,2026-11-20,view,\n" * 10
+    report = ingest.ingest_events_file(lake, write(tmp_path, "e.csv", text), settings, now=NOW)
+    assert report.reasons == {"user_id contains control characters": 1}
+    with pytest.raises(ingest.IngestError, match="binary content"):
+        ingest.ingest_events_file(lake, write(tmp_path, "f.csv", text.encode("utf-16")), settings, now=NOW)
