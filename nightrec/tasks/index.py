@@ -138,6 +138,8 @@ def _seed_training(index: faiss.Index, seed: int) -> None:
     pq_index = faiss.try_extract_index_ivf(index) or index
     if hasattr(pq_index, "pq") and not isinstance(pq_index, faiss.IndexIVF):
         pq_index.pq.cp.seed = seed
+    if hasattr(pq_index, "do_polysemous_training"):
+        pq_index.do_polysemous_training = False  # searches are by inner product, never Hamming; it costs seconds
 
 
 def _apply_params(index: faiss.Index, params: dict, depth: int) -> None:
