@@ -21,7 +21,8 @@ def clustered(n_items: int, n_users: int, dim: int = 16, seed: int = 0) -> tuple
 def test_factory_by_catalogue_size():
     assert index.choose_factory(1_000, 32) == "Flat"
     assert index.choose_factory(1_000, 32, "SQ8") == "SQ8"
-    assert index.choose_factory(50_000, 32).startswith("HNSW32,")
+    assert index.choose_factory(50_000, 32) == "IVF894,Flat"
+    assert index.choose_factory(50_000, 32, "SQ8", structure="hnsw") == "HNSW32,SQ8"
     assert index.choose_factory(50_000, 32, "PQ16x8").startswith("IVF")
     assert index.choose_factory(5_000_000, 32).endswith(",RFlat")
 
@@ -41,16 +42,27 @@ def test_exact_index_matches_brute_force_and_round_trips(tmp_path):
     assert meta["factory"] == "Flat" and meta["n_items"] == 500
 
 
-def test_hnsw_tuned_to_required_recall(tmp_path):
+@pytest.mark.parametrize("structure", ["ivf", "hnsw"])
+def test_approximate_index_tuned_to_required_recall(tmp_path, structure):
     items, users = clustered(3_000, 300)
     ids = [str(j) for j in range(len(items))]
     stats = index.build_checked_index(
-        items, ids, users, tmp_path / "idx", k=20, min_recall=0.99, exact_max_items=1_000, sample_users=300
+        items,
+        ids,
+        users,
+        tmp_path / "idx",
+        k=20,
+        min_recall=0.99,
+        exact_max_items=1_000,
+        sample_users=300,
+        structure=structure,
     )
-    assert stats["factory"].startswith("HNSW") and stats["recall_at_20"] >= 0.99
+    assert stats["factory"].startswith(structure.upper()) and stats["recall_at_20"] >= 0.99
     reloaded = index.load_index(tmp_path / "idx")
     assert reloaded.search_params == stats["search_params"]
     assert index.measure_recall(reloaded, users, 20) >= 0.99
+    _, rows = reloaded.search(users[:3], 2_000)  # a deep query gets what it asks for (enough lists probed)
+    assert (rows >= 0).all()
 
 
 def test_low_recall_fails_loudly_and_saves_nothing(tmp_path):
