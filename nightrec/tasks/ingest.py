@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,19 @@ _FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
 JSON_ERROR = "_json_error"  # set by the lenient JSON Lines reader on a line that is not a JSON object
 _RESERVED = ("reason", "source_file", "_ts", "_event_type", "_value", "_updated", "_available", "_date")
 _TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M%z", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
+
+
+def one_line(text: str) -> str:
+    """Control and line-break characters shown escaped: reasons quote the data, and an error stays one line."""
+    return _LINE_BREAKING.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return one_line(lines[0]) if lines else type(exc).__name__
+
+
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 class IngestError(ValueError):
@@ -94,7 +108,7 @@ def read_as_text(path: Path) -> pl.LazyFrame:
     except IngestError:
         raise
     except Exception as exc:  # polars raises many types for malformed input; name the file and the first line of why
-        raise IngestError(f"{path}: cannot be read as {fmt.upper()}: {str(exc).splitlines()[0]}") from exc
+        raise IngestError(f"{path}: cannot be read as {fmt.upper()}: {_first_line(exc)}") from exc
 
 
 def read_jsonl_leniently(path: Path, max_raw_chars: int = 1000) -> pl.LazyFrame:
@@ -186,11 +200,19 @@ def parse_timestamp(col: pl.Expr) -> pl.Expr:
     """ISO-8601 (with or without offset; naive = UTC) or epoch seconds -> UTC datetime[us]; null if unparseable."""
     text = col.str.strip_chars()
     numeric = text.str.contains(r"^-?\d+(\.\d+)?$")
-    epoch = (text.cast(pl.Float64, strict=False) * 1e6).round().cast(pl.Int64, strict=False)
+    epoch = (pl.when(numeric).then(text).cast(pl.Float64, strict=False) * 1e6).round().cast(pl.Int64, strict=False)
     epoch_dt = pl.from_epoch(epoch.clip(-(2**62), 2**62), time_unit="us").dt.replace_time_zone("UTC")
-    iso = text.str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T").str.replace(r"Z$", "+00:00")
+    # Most logs use one canonical form; parse it first, cheaply. Polars evaluates every branch for every row, so
+    # the slower general parsers get only the rows left over (nulls elsewhere cost next to nothing).
+    canonical = (
+        pl.when(text.str.len_bytes() == 20)
+        .then(text)
+        .str.to_datetime("%Y-%m-%dT%H:%M:%SZ", strict=False, time_unit="us", time_zone="UTC")
+    )
+    rest = pl.when(~numeric & canonical.is_null()).then(text)
+    iso = rest.str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T").str.replace(r"Z$", "+00:00")
     parsed = [iso.str.to_datetime(f, strict=False, time_unit="us", time_zone="UTC") for f in _TIME_FORMATS]
-    return pl.when(numeric).then(epoch_dt).otherwise(pl.coalesce(parsed))
+    return pl.when(numeric).then(epoch_dt).otherwise(pl.coalesce([canonical, *parsed]))
 
 
 def _first_reason(rules: list[tuple[pl.Expr, pl.Expr]]) -> pl.Expr:
@@ -321,7 +343,7 @@ def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sou
     report.quarantined = int(bad_counts["n"].sum())
     report.reasons = dict(bad_counts.iter_rows())
     if report.rows and report.quarantined / report.rows > settings.max_bad_fraction:
-        top = "; ".join(f"{r} ({n})" for r, n in list(report.reasons.items())[:3])
+        top = one_line("; ".join(f"{r} ({n})" for r, n in list(report.reasons.items())[:3]))
         raise IngestError(
             f"{source}: {report.quarantined} of {report.rows} rows ({report.quarantined / report.rows:.1%}) failed "
             f"validation, above the {settings.max_bad_fraction:.1%} threshold; nothing was written. Top reasons: {top}"
@@ -365,7 +387,7 @@ def _merge_into_partition(lake: Lake, day: dt.date, part: pl.DataFrame) -> None:
 
 def _refuse_unreadable(path: Path, exc: Exception) -> IngestError:
     """Lazy scans meet malformed bytes only when collected: report it like a refusal at open time."""
-    return IngestError(f"{path}: cannot be read as {file_format(path).upper()}: {str(exc).strip().splitlines()[0]}")
+    return IngestError(f"{path}: cannot be read as {file_format(path).upper()}: {_first_line(exc)}")
 
 
 def ingest_events_file(lake: Lake, path: Path, settings: Settings, now=None) -> IngestReport:
@@ -445,7 +467,7 @@ def ingest_items_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sour
     if report.rows and report.quarantined / report.rows > settings.max_bad_fraction:
         raise IngestError(
             f"{source}: {report.quarantined} of {report.rows} catalogue rows failed validation, above the "
-            f"{settings.max_bad_fraction:.1%} threshold; nothing was written. Reasons: {report.reasons}"
+            f"{settings.max_bad_fraction:.1%} threshold; nothing was written. Reasons: {one_line(str(report.reasons))}"
         )
     report.duplicates = items.height - items["item_id"].n_unique()
     existing = pl.read_parquet(lake.items_file) if lake.items_file.exists() else None

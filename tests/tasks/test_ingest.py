@@ -245,3 +245,12 @@ def test_a_stray_nul_quarantines_its_row_but_a_binary_file_is_refused(tmp_path, 
     assert report.reasons == {"user_id contains control characters": 1}
     with pytest.raises(ingest.IngestError, match="binary content"):
         ingest.ingest_events_file(lake, write(tmp_path, "f.csv", text.encode("utf-16")), settings, now=NOW)
+
+
+def test_a_refusal_quoting_the_data_stays_one_line(tmp_path, lake):
+    settings = Settings(home=tmp_path / "h", max_bad_fraction=0.0)
+    path = write(tmp_path, "e.csv", HEADER + 'u1,i1,"12:00\nnoon\u2028x",view,\n')
+    with pytest.raises(ingest.IngestError) as err:
+        ingest.ingest_events_file(lake, path, settings, now=NOW)
+    assert "\n" not in str(err.value) and "\u2028" not in str(err.value)
+    assert "unparseable timestamp '12:00\\nnoon\\u2028x'" in str(err.value)
