@@ -1,0 +1,97 @@
+"""The meta-learned recommender on tiny generated data where the right answer is known."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from nightrec.tasks.train import Recommender, TrainConfig, fit_recommender, support_loss, user_sequences
+
+N_BLOCKS, BLOCK = 2, 10  # items 0-9 are block A, 10-19 block B
+
+
+def checkerboard_events(n_users: int = 160, seed: int = 0) -> pl.DataFrame:
+    """Each user interacts with most of one block, in random order: items co-occur only within their block."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    for u in range(n_users):
+        block = u % N_BLOCKS
+        items = rng.permutation(BLOCK)[: rng.integers(6, BLOCK + 1)] + block * BLOCK
+        for t, item in enumerate(items):
+            rows.append((f"u{u}", f"i{item}", start + dt.timedelta(minutes=t)))
+    return pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
+
+
+ITEM_IDS = [f"i{i}" for i in range(N_BLOCKS * BLOCK)]
+TEXT = np.random.default_rng(1).normal(size=(len(ITEM_IDS), 16)).astype(np.float32)  # text carries no signal here
+CONFIG = TrainConfig(dim=16, epochs=40, batch_users=32, lr=2e-2, seed=3, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def trained() -> Recommender:
+    return fit_recommender(checkerboard_events(), ITEM_IDS, TEXT, None, CONFIG)
+
+
+def test_users_get_the_other_half_of_their_block_first(trained):
+    first_half_a = np.arange(0, 5)  # seen one half of block A
+    first_half_b = np.arange(10, 15)
+    scores = trained.score_histories([first_half_a, first_half_b])
+    for row, seen, expected in ((0, first_half_a, set(range(5, 10))), (1, first_half_b, set(range(15, 20)))):
+        ranked = [i for i in np.argsort(-scores[row]) if i not in set(seen)]
+        assert set(ranked[:5]) == expected
+
+
+def test_single_interaction_points_to_its_block(trained):
+    scores = trained.score_histories([np.array([3]), np.array([17])])
+    assert scores[0, 5:10].min() > scores[0, 10:20].max()
+    assert scores[1, 10:16].min() > scores[1, 0:10].max()
+
+
+def test_inner_steps_reduce_support_loss(trained):
+    _, histories = user_sequences(checkerboard_events(40, seed=9), trained.item_index)
+    losses = [support_loss(trained, histories, steps) for steps in (0, 1, 2)]
+    assert losses[1] < losses[0] and losses[2] < losses[1]
+
+
+def test_training_is_deterministic_under_a_seed():
+    events = checkerboard_events(60)
+    config = TrainConfig(dim=8, epochs=3, batch_users=16, seed=11)
+    a = fit_recommender(events, ITEM_IDS, TEXT, None, config)
+    b = fit_recommender(events, ITEM_IDS, TEXT, None, config)
+    assert a.meta["losses"] == b.meta["losses"] and len(a.meta["losses"]) == 3
+    np.testing.assert_array_equal(a.item_matrix(), b.item_matrix())
+
+
+def test_save_load_round_trip_and_served_vectors(trained, tmp_path):
+    loaded = Recommender.load(trained.save(tmp_path / "model"))
+    events = checkerboard_events(10, seed=5)
+    served = loaded.served_vectors(events, ["u0", "u1", "nobody"])
+    original = trained.served_vectors(events, ["u0", "u1", "nobody"])
+    np.testing.assert_allclose(served.user_matrix, original.user_matrix, rtol=1e-5, atol=1e-6)
+    assert served.dim == CONFIG.dim + 1 and served.item_ids == ITEM_IDS
+    scores = served.user_matrix @ served.item_matrix.T
+    np.testing.assert_allclose(
+        scores[:2],
+        trained.score_histories(user_sequences(events, trained.item_index, ["u0", "u1"])[1]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    assert np.isfinite(served.user_matrix[2]).all()  # a user with no events gets the prior
+
+
+def test_warm_start_carries_item_rows_by_id_and_new_items_get_text_vectors(trained, tmp_path):
+    folder = trained.save(tmp_path / "champion")
+    new_ids = ["new0", *ITEM_IDS[::-1]]
+    text = np.concatenate([np.random.default_rng(4).normal(size=(1, 16)).astype(np.float32), TEXT[::-1]])
+    config = TrainConfig(dim=16, epochs=0, seed=3)
+    warm = fit_recommender(checkerboard_events(20), new_ids, text, None, config, init_from=folder)
+    assert warm.meta["warm_start_items"] == len(ITEM_IDS)
+    old = trained.model.item_id.weight.detach()
+    new = warm.model.item_id.weight.detach()
+    torch.testing.assert_close(new[1:], old.flip(0))
+    assert np.isfinite(warm.item_matrix()[0]).all()
