@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -32,6 +33,12 @@ def spec_for(scale: float):
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process: less sensitive than wall time to other work on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def step_generate(folder: Path, scale: float, chunk_users: int) -> dict:
@@ -89,7 +96,8 @@ STEPS = {"generate": step_generate, "ingest": step_ingest, "verify": step_verify
 def run_child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     result = STEPS[args.step](Path(args.folder), args.scale, *([args.chunk_users] if args.step == "generate" else []))
-    result |= {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    result |= {"seconds": round(time.perf_counter() - start, 2), "cpu_seconds": round(cpu_seconds(), 2)}
+    result |= {"peak_rss_mb": round(peak_rss_mb(), 1), "load_avg_1m": round(os.getloadavg()[0], 2)}
     print(json.dumps(result))
 
 
@@ -127,6 +135,7 @@ def main() -> None:
         assert ing["lake_rows"] == ing["valid"], "lake rows differ from landed rows"
         figures["ratios"] = {
             "ingest_vs_plain_copy_time": round(ing["seconds"] / peer["seconds"], 2),
+            "ingest_vs_plain_copy_cpu": round(ing["cpu_seconds"] / peer["cpu_seconds"], 2),
             "ingest_vs_plain_copy_rss": round(ing["peak_rss_mb"] / peer["peak_rss_mb"], 2),
             "events_per_second": round(ing["rows"] / ing["seconds"]),
         }
