@@ -1,0 +1,125 @@
+"""Evaluation protocol: splits, peers with known answers, the nightly holdout report."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import polars as pl
+import pytest
+
+from nightrec.tasks import evaluate
+from nightrec.tasks.train import TrainConfig, fit_recommender
+
+
+def events(rows: list[tuple[str, str]]) -> pl.DataFrame:
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    return pl.DataFrame(
+        {
+            "user_id": [u for u, _ in rows],
+            "item_id": [i for _, i in rows],
+            "timestamp": [start + dt.timedelta(minutes=t) for t in range(len(rows))],
+        }
+    )
+
+
+def block_histories(n_users: int = 80, seed: int = 0) -> list[np.ndarray]:
+    """Two blocks of 10 items; each user takes 6-10 items of one block."""
+    rng = np.random.default_rng(seed)
+    return [rng.permutation(10)[: rng.integers(6, 11)] + 10 * (u % 2) for u in range(n_users)]
+
+
+@pytest.mark.parametrize("make", [lambda h: evaluate.ItemKNN(h, 20), lambda h: evaluate.EASE(h, 20, lam=1.0)])
+def test_item_item_peers_recommend_the_rest_of_the_block(make):
+    scorer = make(block_histories())
+    top = evaluate.top_k_unseen(scorer.score([np.arange(5), np.arange(10, 15)]), [range(5), range(10, 15)], 5)
+    assert set(top[0]) == set(range(5, 10)) and set(top[1]) == set(range(15, 20))
+
+
+def test_als_and_text_peers_score_every_item_and_fall_back_to_popularity():
+    histories = block_histories()
+    text = np.eye(20, dtype=np.float32)
+    for scorer in (evaluate.ALS(histories, 20, factors=4, iterations=5), evaluate.TextOnly(histories, 20, text)):
+        scores = scorer.score([np.array([0, 1]), np.array([], dtype=np.int64)])
+        assert scores.shape == (2, 20) and np.isfinite(scores).all()
+        assert np.argmax(scores[1]) == np.argmax(evaluate.Popularity(histories, 20).counts)
+
+
+def test_chronological_split_keeps_cold_users_out_of_training():
+    seqs = [np.arange(u % 7, u % 7 + 10 + u % 5) for u in range(200)]
+    split = evaluate.chronological_split(seqs, seed=1)
+    hist, rel = split.segments["warm"]
+    assert len(split.train) + len(split.segments["cold_k1"][0]) == 200
+    assert all(len(h) == int(np.floor((len(h) + len(r)) * 0.8)) for h, r in zip(hist, rel, strict=True))
+    for k in evaluate.COLD_KS:
+        cold_hist, cold_rel = split.segments[f"cold_k{k}"]
+        assert all(len(h) == k for h in cold_hist) and all(0 < len(r) <= evaluate.COLD_QUERY for r in cold_rel)
+    inner, val_hist, val_rel = split.validation
+    assert sum(map(len, inner)) + sum(map(len, val_rel)) == sum(map(len, split.train))
+
+
+def test_stratified_split_holds_out_a_quarter_of_each_item():
+    rng = np.random.default_rng(0)
+    seqs = [rng.permutation(40)[:20] for _ in range(100)]
+    split = evaluate.stratified_split(seqs, 40, seed=0)
+    train_counts = np.bincount(np.concatenate(split.train), minlength=40)
+    test_counts = np.bincount(np.concatenate(split.segments["strat"][1]), minlength=40)
+    total = train_counts + test_counts
+    assert total.sum() == 2000
+    np.testing.assert_allclose(test_counts / total, 0.25, atol=0.02)
+    for h, r in zip(*split.segments["strat"], strict=True):
+        assert not set(h) & set(r)
+
+
+def test_holdout_report_hand_computed_popularity_and_missing_catalogue_items():
+    item_ids = [f"i{i}" for i in range(20)]
+    text = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    train_rows = [(f"u{u}", f"i{i}") for u, h in enumerate(block_histories(40)) for i in h]
+    train = events(train_rows + [("a", "i0"), ("b", "i0"), ("c", "i1")])
+    holdout = events([("a", "i1"), ("new", "i0"), ("ghost", "nope")])
+    config = TrainConfig(dim=8, epochs=2, batch_users=16, seed=0)
+    full = fit_recommender(train, item_ids, text, None, config)
+    older = fit_recommender(train, [i for i in item_ids if i != "i1"], np.delete(text, 1, 0), None, config)
+    report = evaluate.holdout_report({"model": full, "champion": older}, train, holdout, item_ids, k=10)
+    assert set(report) == {"model", "champion", "popularity"}
+    assert set(report["model"]) == {
+        "ndcg_at_10",
+        "recall_at_10",
+        "recall_at_20",
+        "precision_at_10",
+        "map_at_10",
+        "coverage",
+        "users",
+    }
+    assert report["popularity"]["users"] == 2.0  # "ghost" has no item of the catalogue
+    # popularity of the training events: i0..i19 from the blocks; "a" saw i0, "new" gets the most popular item
+    counts = np.bincount([int(i[1:]) for _, i in train_rows + [("a", "i0"), ("b", "i0"), ("c", "i1")]], minlength=20)
+    order = [i for i in np.argsort(-counts, kind="stable")]
+    rank_a = [i for i in order if i != 0].index(1) + 1
+    rank_new = order.index(0) + 1
+    expected = np.mean([1 / np.log2(r + 1) if r <= 10 else 0.0 for r in (rank_a, rank_new)])
+    assert report["popularity"]["ndcg_at_10"] == pytest.approx(expected)
+    # the champion's catalogue lacks i1, so it can never recommend it
+    assert report["champion"]["recall_at_20"] <= 0.5
+
+
+@pytest.mark.movielens
+def test_movielens_holdout_model_beats_popularity(movielens_100k):
+    from nightrec.sources import movielens
+    from nightrec.tasks.embed import load_encoder
+
+    dataset = movielens.load(movielens_100k)
+    items = dataset.items
+    texts = [
+        f"{t}. Genres: {', '.join(g or [])}. {d or ''}"
+        for t, g, d in zip(items["title"], items["genres"], items["description"], strict=True)
+    ]
+    vectors = load_encoder().encode(texts, batch_size=64)
+    ev = dataset.events
+    cut = ev["timestamp"].sort()[int(ev.height * 0.9)]
+    train, holdout = ev.filter(pl.col("timestamp") < cut), ev.filter(pl.col("timestamp") >= cut)
+    item_ids = items["item_id"].to_list()
+    model = fit_recommender(train, item_ids, vectors, None, TrainConfig(epochs=8, seed=0))
+    report = evaluate.holdout_report({"model": model}, train, holdout, item_ids)
+    assert report["model"]["users"] > 50
+    assert report["model"]["ndcg_at_10"] > report["popularity"]["ndcg_at_10"]
