@@ -122,17 +122,14 @@ def read_jsonl_leniently(path: Path, max_raw_chars: int = 1000) -> pl.LazyFrame:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record, error = json.loads(line), None
             except ValueError as exc:
-                record = f"line {number} is not valid JSON ({exc.msg})"
+                record, error = None, f"line {number} is not valid JSON ({exc.msg})"
+            except RecursionError:
+                record, error = None, f"line {number} is nested too deeply"
             if not isinstance(record, dict):
-                why = record if isinstance(record, str) and record.startswith("line ") else "not a JSON object"
-                records.append(
-                    {
-                        JSON_ERROR: why if why.startswith("line ") else f"line {number} is {why}",
-                        "_raw_line": line.rstrip("\r\n")[:max_raw_chars],
-                    }
-                )
+                error = error or f"line {number} is not a JSON object"
+                records.append({JSON_ERROR: error, "_raw_line": line.rstrip("\r\n")[:max_raw_chars]})
                 continue
             row = {(f"{k}_source" if k in (JSON_ERROR, "_raw_line") else k): _json_text(v) for k, v in record.items()}
             keys.update(dict.fromkeys(row))

@@ -214,12 +214,14 @@ def test_jsonl_with_a_broken_line_and_changing_types_quarantines_only_those_line
         '["not", "an", "object"]',
         '{"user_id": 9, "item_id": "i3", "timestamp": "2026-11-20T11:00:00Z", "meta": {"os": "ios"}}',
         '{"user_id": "u4", "item_id": "i4", "timest',  # a writer killed mid-line
+        '{"user_id": ' + "[" * 100_000 + "]" * 100_000 + ', "item_id": "i5", "timestamp": "2026-11-20"}',
     ]
     report = ingest.ingest_events_file(lake, write(tmp_path, "e.jsonl", "\n".join(lines)), settings, now=NOW)
-    assert (report.rows, report.valid, report.quarantined) == (5, 2, 3)
+    assert (report.rows, report.valid, report.quarantined) == (6, 2, 4)
     assert report.reasons == {
         "line 3 is not a JSON object": 1,
-        "line 5 is not valid JSON (Unterminated string starting at)": 1,
+        "line 6 is nested too deeply": 1,
+        "line 5 is not valid JSON (Invalid control character at)": 1,
         "value is not a number: '[1, 2]'": 1,
     }
     assert sorted(lake.scan_events().collect()["user_id"].to_list()) == ["9", "u1"]
