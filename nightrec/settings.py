@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     holdout_days: int = Field(default=7, gt=0, description="Newest days held out to evaluate the night's model.")
     champion_tolerance: float = Field(default=0.02, ge=0.0, description="Relative NDCG@10 loss allowed vs champion.")
     min_index_recall: float = Field(default=0.99, ge=0.0, le=1.0)
+    compression_tolerance: float = Field(
+        default=0.02, ge=0.0, description="Relative NDCG@10 loss a compression step may cost (compress_served)."
+    )
+    reasons_per_item: int = Field(default=3, ge=0, description="History items listed as reasons per recommendation.")
     seed: int = 42
     train_epochs: int | None = Field(
         default=None, gt=0, description="Override the trainer's epoch count (tests, quick runs)."

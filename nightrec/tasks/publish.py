@@ -187,6 +187,15 @@ def _reasons(
     """
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ops here are small: with FAISS's OpenMP pool beside torch's, threads only spin
+    try:
+        return _reasons_torch(torch, unit, rec_vec, seen_offsets, seen_vec, n_reasons, reason_history)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reasons_torch(torch, unit, rec_vec, seen_offsets, seen_vec, n_reasons, reason_history):
     n, k = rec_vec.shape
     unit_t = torch.from_numpy(unit)
     lengths = np.minimum(np.diff(seen_offsets), reason_history)
@@ -210,7 +219,7 @@ def _reasons(
         take = min(n_reasons, width)
         top_sims, top = torch.topk(sims, take, dim=2)  # sorted; equal similarities keep the lower (newer) slot
         chosen = torch.gather(hist_t[:, None, :].expand(-1, recs.shape[1], -1), 2, top)
-        valid = torch.isfinite(top_sims) & (recs[:, :, None] >= 0)
+        valid = (chosen >= 0) & (recs[:, :, None] >= 0)  # padding slots hold -1 (and -inf similarity)
         rows[users, :, :take] = torch.where(valid, chosen, -1).numpy()
         weights[users, :, :take] = torch.where(valid, top_sims, 0.0).numpy()
     present = rows >= 0  # valid reasons come first along the last axis
