@@ -188,7 +188,9 @@ def apply_column_mapping(frame: pl.LazyFrame, mapping: dict[str, str], required:
     names = set(frame.collect_schema().names())
     missing = [c for c in required if c not in names]
     if missing:
-        raise IngestError(f"{source}: missing required column(s) {', '.join(missing)} (found: {', '.join(present)})")
+        raise IngestError(
+            f"{source}: missing required column(s) {', '.join(missing)} (found: {one_line(', '.join(present))[:300]})"
+        )
     return frame
 
 

@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,13 @@ from tests.conftest import tree_digest
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 LATEST = NOW + dt.timedelta(hours=24)
-PROPERTY = settings(derandomize=True, max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+# NIGHTREC_PROPERTY_EXAMPLES=500 for a deeper local run; the suite keeps 60 so the file stays near 35 s.
+PROPERTY = settings(
+    derandomize=True,
+    max_examples=int(os.environ.get("NIGHTREC_PROPERTY_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
 SEED_CSV = "user_id,item_id,timestamp,event_type,value\nu1,i1,2026-11-20T10:00:00Z,click,\nu2,i2,1795168800,like,2\n"
 
 # --- strategies ---------------------------------------------------------------------------------------------------
