@@ -48,6 +48,66 @@ def ml100k_vectors(dataset, cache: Path = CACHE) -> np.ndarray:
     return vectors
 
 
+def _cold_warm(metrics: dict) -> dict:
+    keys = ("warm_ndcg_at_10", "warm_recall_at_20", "cold_k1_ndcg_at_20", "cold_k3_ndcg_at_20", "cold_k5_ndcg_at_20")
+    return {k: round(metrics[k], 4) for k in keys}
+
+
+def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int) -> dict[str, dict]:
+    """Same chronological split, nightrec variants only: what each component and warm starting buys."""
+    import dataclasses
+    import tempfile
+
+    from nightrec.tasks import evaluate, train
+
+    item_ids = dataset.items["item_id"].to_list()
+    _, seqs = train.user_sequences(dataset.events, {item: i for i, item in enumerate(item_ids)})
+    split = evaluate.chronological_split([s for s in seqs if len(s)], seed)
+    base = train.TrainConfig(seed=seed, epochs=epochs)
+    rows: dict[str, dict] = {}
+
+    def run(name: str, config, histories=None, ids=item_ids, text=vectors, **kw):
+        started = time.perf_counter()
+        scorer = evaluate.fit_nightrec(histories or split.train, ids, text, config, **kw)
+        seconds = time.perf_counter() - started
+        if ids is not item_ids:
+            return scorer
+        metrics, _ = evaluate.evaluate_split({"m": scorer}, split)
+        rows[name] = {**_cold_warm(metrics["m"]), "train_s": round(seconds, 1)}
+        print(name, rows[name], file=sys.stderr, flush=True)
+        return scorer
+
+    variants = {
+        "full model": {},
+        "no inner steps (no meta-learning)": {"inner_steps": 0},
+        "no LM features": {"use_text": False},
+        "no ID embedding": {"use_id": False},
+        "inner steps = 1": {"inner_steps": 1},
+        "inner steps = 3": {"inner_steps": 3},
+        "inner steps = 5": {"inner_steps": 5},
+    }
+    for name, change in variants.items():
+        run(name, dataclasses.replace(base, **change))
+    short = dataclasses.replace(base, epochs=max(1, epochs // 3))
+    with tempfile.TemporaryDirectory() as tmp:
+        # nightly incremental: yesterday's champion saw each user's first 70 %; tonight adds the rest
+        older = [s[: max(1, int(len(s) * 0.7))] for s in split.train]
+        champion = evaluate.fit_nightrec(older, item_ids, vectors, base).recommender.save(Path(tmp) / "champion")
+        run(f"scratch, {short.epochs} epochs", short)
+        run(f"from champion, {short.epochs} epochs", short, init_from=champion)
+        # transfer: a model trained on another catalogue (the even items, renamed so no item row maps by id)
+        even = np.arange(0, len(item_ids), 2)
+        remap = np.full(len(item_ids), -1)
+        remap[even] = np.arange(len(even))
+        source_hist = [remap[s[np.isin(s, even)]] for s in split.train]
+        source_hist = [h for h in source_hist if len(h) >= 2]
+        source_ids = [f"other-{item_ids[i]}" for i in even]
+        source = run("source", base, source_hist, source_ids, vectors[even]).recommender.save(Path(tmp) / "source")
+        run(f"transfer from another catalogue, {short.epochs} epochs", short, init_from=source)
+        run("transfer, 0 epochs (text adaptor only)", dataclasses.replace(base, epochs=0), init_from=source)
+    return rows
+
+
 def main() -> None:
     from nightrec.sources import movielens
     from nightrec.tasks import evaluate, train
@@ -55,9 +115,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--ablations", action="store_true", help="nightrec variants and warm start instead of peers")
     args = parser.parse_args()
     dataset = movielens.load(DATASET)
     vectors = ml100k_vectors(dataset)
+    if args.ablations:
+        rows = ablations(dataset, vectors, args.seed, args.epochs or train.TrainConfig().epochs)
+        columns = list(next(iter(rows.values())))
+        print("| variant | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+        for name, values in rows.items():
+            print(f"| {name} | " + " | ".join(str(values[c]) for c in columns) + " |")
+        print(json.dumps(rows))
+        return
     config = train.TrainConfig(seed=args.seed)
     if args.epochs:
         config.epochs = args.epochs

@@ -400,8 +400,23 @@ def fit_recommender(
     still get a (text-only) vector. ``init_from`` is a saved :class:`Recommender` folder: the nightly champion (its item
     rows are carried over by id) or a model from another catalogue (only the text adaptors, prior and step sizes carry).
     """
+    threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
+    try:
+        return _fit(events, item_ids, item_text_vectors, user_profile_vectors, config, init_from)
+    finally:
+        torch.set_num_threads(threads_before)  # the caller's setting, not ours, outlives the call
+
+
+def _fit(
+    events: pl.DataFrame,
+    item_ids: list[str],
+    item_text_vectors: np.ndarray,
+    user_profile_vectors: dict[str, np.ndarray] | None,
+    config: TrainConfig,
+    init_from: Path | None,
+) -> Recommender:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)

@@ -77,7 +77,7 @@ def test_holdout_report_hand_computed_popularity_and_missing_catalogue_items():
     train_rows = [(f"u{u}", f"i{i}") for u, h in enumerate(block_histories(40)) for i in h]
     train = events(train_rows + [("a", "i0"), ("b", "i0"), ("c", "i1")])
     holdout = events([("a", "i1"), ("new", "i0"), ("ghost", "nope")])
-    config = TrainConfig(dim=8, epochs=2, batch_users=16, seed=0)
+    config = TrainConfig(dim=8, epochs=2, batch_users=16, seed=0, threads=1)
     full = fit_recommender(train, item_ids, text, None, config)
     older = fit_recommender(train, [i for i in item_ids if i != "i1"], np.delete(text, 1, 0), None, config)
     report = evaluate.holdout_report({"model": full, "champion": older}, train, holdout, item_ids, k=10)

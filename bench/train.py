@@ -1,0 +1,95 @@
+"""Training cost on ML-100K: nightrec (meta-training + batch adaptation of every user) against implicit ALS.
+
+Run: ``/work/venv/bin/python bench/train.py [--epochs N]``. Each trainer runs in its own child process so its peak
+resident memory is its own (reported as the rise over the child's RSS after loading data and imports). implicit runs
+inside ``threadpool_limits(1, "blas")`` as the stack notes advise; torch uses the machine's cores. Last stdout line:
+ONE JSON object with the nightrec / ALS ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import DATASET, ml100k_vectors  # noqa: E402
+
+
+def _rss_mb() -> float:
+    # current RSS from /proc (Linux); ru_maxrss is the peak so far, in KiB
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def child(which: str, epochs: int | None) -> dict:
+    import numpy as np
+    import torch
+
+    from nightrec.sources import movielens
+    from nightrec.tasks import evaluate, train
+
+    dataset = movielens.load(DATASET)
+    vectors = ml100k_vectors(dataset)
+    item_ids = dataset.items["item_id"].to_list()
+    _, seqs = train.user_sequences(dataset.events, {i: n for n, i in enumerate(item_ids)})
+    torch.zeros(1) @ torch.zeros(1)  # load the kernels before the baseline
+    baseline = _rss_mb()
+    started = time.perf_counter()
+    if which == "nightrec":
+        config = train.TrainConfig(seed=42)
+        if epochs:
+            config.epochs = epochs
+        model = train.fit_recommender(dataset.events, item_ids, vectors, None, config)
+        trained = time.perf_counter()
+        served = model.served_vectors(dataset.events, dataset.events["user_id"].unique().sort().to_list())
+        assert np.isfinite(served.user_matrix).all()
+    else:
+        evaluate.ALS(seqs, len(item_ids), factors=64, regularization=0.05, alpha=2.0, iterations=15)
+        trained = time.perf_counter()
+    done = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "fit_s": round(trained - started, 2),
+        "total_s": round(done - started, 2),
+        "peak_rss_rise_mb": round(peak - baseline, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--child", choices=["nightrec", "als"])
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.epochs)))
+        return
+    results = {}
+    for which in ("als", "nightrec"):
+        cmd = [sys.executable, __file__, "--child", which] + (["--epochs", str(args.epochs)] if args.epochs else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        results[which] = json.loads(out)
+        print(which, results[which])
+    n, a = results["nightrec"], results["als"]
+    print(
+        json.dumps(
+            {
+                "nightrec_total_s": n["total_s"],
+                "nightrec_fit_s": n["fit_s"],
+                "als_fit_s": a["total_s"],
+                "time_ratio_nightrec_over_als": round(n["total_s"] / max(a["total_s"], 1e-9), 1),
+                "nightrec_peak_rss_rise_mb": n["peak_rss_rise_mb"],
+                "als_peak_rss_rise_mb": a["peak_rss_rise_mb"],
+                "memory_ratio_nightrec_over_als": round(n["peak_rss_rise_mb"] / max(a["peak_rss_rise_mb"], 1.0), 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
