@@ -19,6 +19,7 @@ the projections are applied offline and not served. Id lists are the same in eve
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -125,7 +126,9 @@ def svd_projection(users: np.ndarray, items: np.ndarray, dim: int) -> Projection
     """Projections giving the best rank-``dim`` approximation (Frobenius) of ``users @ items.T``."""
     _, r_u = np.linalg.qr(users)
     _, r_v = np.linalg.qr(items)
-    a, s, bt = np.linalg.svd(r_u @ r_v.T)
+    a, s, bt = np.linalg.svd(r_u @ r_v.T, full_matrices=False)
+    if dim > len(s):
+        raise ValueError(f"cannot project to {dim} dimensions: the scores have rank at most {len(s)}")
     root = np.sqrt(s[:dim])
     user = np.linalg.pinv(r_u) @ (a[:, :dim] * root)
     item = np.linalg.pinv(r_v) @ (bt[:dim].T * root)
@@ -285,7 +288,9 @@ def compress_served(
     floor = base["ndcg_at_10"] * (1.0 - tolerance)
     projections: dict[tuple, Projection | None] = {(None, "none"): None}
     passing_dims: list[tuple] = []
-    for dim in sorted((d for d in dims if d < full_dim), reverse=True):
+    # a projection cannot keep more dimensions than there are users or items to fit it on
+    max_dim = min(full_dim, len(fit_users), len(fit_items))
+    for dim in sorted((d for d in dims if d < max_dim), reverse=True):
         svd = svd_projection(fit_users, fit_items, dim)
         candidates = [svd]
         if distill_steps:
@@ -304,10 +309,11 @@ def compress_served(
                     continue  # measured above
                 measure(Config(dim, method, users, codec), projections[(dim, method)])
 
+    measurable = math.isfinite(base["ndcg_at_10"])  # e.g. no user with held-out items: keep everything as it is
     for row in table:
         row["relative_loss"] = (base["ndcg_at_10"] - row["ndcg_at_10"]) / max(base["ndcg_at_10"], 1e-12)
         row["size_ratio"] = base["bytes"] / row["bytes"]
-        row["within_tolerance"] = row["ndcg_at_10"] >= floor
+        row["within_tolerance"] = bool(row["ndcg_at_10"] >= floor) if measurable else row is base
     best = min((r for r in table if r["within_tolerance"]), key=lambda r: (r["bytes"], -r["ndcg_at_10"]))
     projection = projections[(None if best["projection"] == "none" else best["dim"], best["projection"])]
     result = CompressionResult(

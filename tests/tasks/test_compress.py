@@ -89,3 +89,11 @@ def test_nothing_compresses_when_every_step_costs_too_much():
     result = compress.compress_served(vectors, ndcg_against(vectors), tolerance=0.0, dims=(8,), distill_steps=0)
     chosen = next(r for r in result.table if r["config"] == result.chosen)
     assert chosen["ndcg_at_10"] == pytest.approx(1.0) and chosen["dim"] == 16
+
+
+def test_few_users_and_unmeasurable_quality_keep_the_full_vectors():
+    vectors = low_rank(n_users=5, n_items=700)
+    result = compress.compress_served(vectors, ndcg_against(vectors), dims=(16, 4), distill_steps=5)
+    assert {r["dim"] for r in result.table} <= {32, 4}  # 16 > 5 users: no projection fitted to it
+    unmeasured = compress.compress_served(vectors, lambda v: float("nan"), dims=(4,), distill_steps=0)
+    assert unmeasured.chosen == "full/users-float32/items-Flat" and unmeasured.codec == "Flat"
