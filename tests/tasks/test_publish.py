@@ -238,3 +238,34 @@ def test_worse_model_is_not_promoted_and_champion_lists_are_published(tmp_path):
         pl.from_arrow(table).sort("user_id", "rank").group_by("user_id", maintain_order=True).agg("item_id").iter_rows()
     )
     assert got == brute_force(champion_vectors, history, K)
+
+
+@pytest.mark.movielens
+def test_movielens_lists_for_every_user_pass_the_checker(movielens_100k, tmp_path):
+    """The whole serving path on MovieLens-100K with cheap co-occurrence vectors (no training): every one of the 943
+    users gets 50 unseen items with reasons from their history, published and read back through LATEST."""
+    from nightrec.sources import movielens
+
+    data = movielens.load(movielens_100k)
+    run_date = (data.events["timestamp"].max() + dt.timedelta(days=1)).date()
+    item_ids = data.items["item_id"].to_list()
+    user_ids = sorted(data.events["user_id"].unique().to_list())
+    offsets, rows = publish.user_histories(data.events, user_ids, item_ids)
+    matrix = np.zeros((len(user_ids), len(item_ids)), np.float32)
+    matrix[np.repeat(np.arange(len(user_ids)), np.diff(offsets)), rows] = 1.0
+    # items: a random sketch of who watched them (items watched by the same people get similar vectors)
+    items = (matrix.T @ np.random.default_rng(0).normal(size=(len(user_ids), 32))).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True) + 1e-6
+    vectors = ServedVectors(user_ids, (matrix @ items / np.maximum(matrix.sum(1, keepdims=True), 1)), item_ids, items)
+    index.build_checked_index(vectors.item_matrix, item_ids, vectors.user_matrix, tmp_path / "idx", k=50)
+    lake = Lake(tmp_path / "lake")
+    batches = publish.build_lists(
+        vectors, tmp_path / "idx", data.events, data.items, k=50, run_date=run_date, model_version="1", batch_users=256
+    )
+    stats = publication.publish(lake, run_date, batches, {"mlflow_run_id": "r", "model_version": "1"})
+    assert stats["users"] == 943 and stats["rows"] == 943 * 50
+    _, table = publication.read_latest(lake)
+    assert publish.check_lists(table, data.events, user_ids, 50) == []
+    one = publication.read_user_list(lake, user_ids[0])
+    assert one["rank"].to_list() == list(range(1, 51)) and one["reasons"].list.len().min() >= 1
+    assert all(r["title"] for reasons in one["reasons"].to_list() for r in reasons)
