@@ -37,10 +37,11 @@ class GateDecision:
 def gate(new_ndcg: float, champion_ndcg: float | None, popularity_ndcg: float, tolerance: float) -> GateDecision:
     """Promote the new model unless it is worse than the champion by more than ``tolerance`` (relative NDCG@10).
 
-    - It loses to popularity: never promoted; the night publishes with the champion. With no champion yet the night
-      still publishes with the new model, unpromoted and said so, because every user must get a list and the
-      model's lists still remove seen items and carry reasons (popularity lists would carry no reasons); the next
-      model that beats popularity becomes the first champion.
+    - It loses to popularity: not promoted; the night publishes with the champion. With no champion yet there is
+      nothing else to serve (every user must get a list, and popularity lists would carry no reasons), so the new
+      model publishes and becomes the first champion, with the loss stated in ``reason``: the version behind
+      ``champion`` is always the one whose lists are published, and tomorrow's model must beat both it and
+      popularity to replace it.
     - No champion (or no measured champion NDCG): promoted.
     - Otherwise promoted iff ``new >= champion * (1 - tolerance)``; if not, the champion keeps serving.
     """
@@ -53,7 +54,9 @@ def gate(new_ndcg: float, champion_ndcg: float | None, popularity_ndcg: float, t
                 False, "champion", f"new model loses to popularity; champion kept and published ({figures})"
             )
         return GateDecision(
-            False, "new", f"new model loses to popularity and there is no champion: published unpromoted ({figures})"
+            True,
+            "new",
+            f"new model loses to popularity but there is no champion: promoted as the first champion ({figures})",
         )
     if champion_ndcg is None:
         return GateDecision(True, "new", f"no champion yet; new model beats popularity and is promoted ({figures})")

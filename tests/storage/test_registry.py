@@ -16,7 +16,7 @@ from nightrec.storage import registry, tracking
         (0.29, 0.30, 0.20, False, "champion"),  # 3.3 % worse: deliberately worse model is not promoted
         (0.35, 0.30, 0.20, True, "new"),  # better
         (0.19, 0.30, 0.20, False, "champion"),  # loses to popularity: champion serves
-        (0.19, None, 0.20, False, "new"),  # loses to popularity, no champion: published unpromoted
+        (0.19, None, 0.20, True, "new"),  # loses to popularity, no champion: nothing else to serve, first champion
         (float("nan"), 0.30, 0.20, False, "champion"),  # unmeasured model is never promoted
         (0.30, float("nan"), 0.20, True, "new"),  # champion without figures counts as none
     ],
@@ -30,6 +30,7 @@ def test_gate(new, champ, pop, promote, publish):
 def test_gate_reason_says_why():
     assert "popularity" in registry.gate(0.1, 0.3, 0.2, 0.02).reason
     assert "worse than the champion" in registry.gate(0.25, 0.3, 0.2, 0.02).reason
+    assert "loses to popularity" in registry.gate(0.1, None, 0.2, 0.02).reason
 
 
 @pytest.fixture
