@@ -16,6 +16,7 @@ Scores are ``u . v_i + b_i``; :meth:`Recommender.served_vectors` folds the bias 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -54,6 +55,9 @@ class TrainConfig:
     sampled_softmax_above: int = 50_000  # catalogues larger than this train with sampled softmax
     n_negatives: int = 4096
     dropout: float = 0.3
+    # users with fewer interactions are served by a second, text + bias model (no ID tables), which ML-100K shows is
+    # the better cold-start model; 0 turns it off
+    cold_below: int = 6
     seed: int = 42
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
@@ -206,10 +210,13 @@ class Recommender:
     item_text_vectors: np.ndarray
     config: TrainConfig
     meta: dict = field(default_factory=dict)
+    cold_model: MetaRecModel | None = None  # serves users with fewer than config.cold_below interactions
 
     def __post_init__(self) -> None:
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
         self.model.eval()
+        if self.cold_model is not None:
+            self.cold_model.eval()
 
     @property
     def text(self) -> torch.Tensor:
@@ -217,26 +224,41 @@ class Recommender:
 
     @torch.inference_mode()
     def item_matrix(self) -> np.ndarray:
-        """(n_items, dim + 1): item vectors with the bias as the last column."""
-        out, bias, _ = self.model.item_tables(self.text)
-        return torch.cat([out, bias.unsqueeze(1)], dim=1).numpy().astype(np.float32)
+        """(n_items, dim + 1) item vectors, bias as the last column; the cold model's block appended when present."""
+        blocks = []
+        for model in self._models():
+            out, bias, _ = model.item_tables(self.text)
+            blocks += [out, bias.unsqueeze(1)]
+        return torch.cat(blocks, dim=1).numpy().astype(np.float32)
+
+    def _models(self) -> list[MetaRecModel]:
+        return [self.model] if self.cold_model is None else [self.model, self.cold_model]
 
     @torch.inference_mode()
-    def user_matrix(
-        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, batch: int = 1024
-    ) -> np.ndarray:
-        """(n_users, dim + 1): adapted user vectors with a trailing 1 (the bias dimension)."""
-        out, bias, hist = self.model.item_tables(self.text)
-        rows = []
+    def _adapted(
+        self, model: MetaRecModel, histories: list[np.ndarray], profiles: np.ndarray | None, batch: int
+    ) -> torch.Tensor:
+        out, bias, hist = model.item_tables(self.text)
+        rows = [torch.zeros(0, model.config.dim)]
         for start in range(0, len(histories), batch):
             support, mask = pad_histories(histories[start : start + batch], self.config.max_history)
             prof = None if profiles is None else torch.from_numpy(profiles[start : start + batch].astype(np.float32))
-            u0 = self.model.prior_vectors(hist, support, mask, prof)
-            u = self.model.adapt(u0, out, bias, support, mask)
-            rows.append(torch.cat([u, torch.ones(len(u), 1)], dim=1))
-        if not rows:
-            return np.zeros((0, self.config.dim + 1), dtype=np.float32)
-        return torch.cat(rows).numpy().astype(np.float32)
+            u0 = model.prior_vectors(hist, support, mask, prof)
+            rows.append(torch.cat([model.adapt(u0, out, bias, support, mask), torch.ones(len(u0), 1)], dim=1))
+        return torch.cat(rows[1:]) if len(rows) > 1 else torch.zeros(0, model.config.dim + 1)
+
+    def user_matrix(
+        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, batch: int = 1024
+    ) -> np.ndarray:
+        """Adapted user vectors with a trailing 1 (the bias dimension); with a cold model, a user gets the warm block
+        or the cold block (the other one zero) by the length of their history."""
+        warm = self._adapted(self.model, histories, profiles, batch)
+        if self.cold_model is None:
+            return warm.numpy().astype(np.float32)
+        cold = self._adapted(self.cold_model, histories, profiles, batch)
+        short = torch.tensor([len(h) < self.config.cold_below for h in histories], dtype=torch.bool).unsqueeze(1)
+        both = torch.cat([warm.masked_fill(short, 0.0), cold.masked_fill(~short, 0.0)], dim=1)
+        return both.numpy().astype(np.float32)
 
     def score_histories(self, histories: list[np.ndarray], profiles: np.ndarray | None = None) -> np.ndarray:
         """(n_users, n_items) scores for users given their item-index histories (time order)."""
@@ -256,7 +278,7 @@ class Recommender:
             user_matrix=self.user_matrix(histories, profiles),
             item_ids=list(self.item_ids),
             item_matrix=self.item_matrix(),
-            meta={"model": "nightrec-metarec", "dim": self.config.dim + 1, "bias_folded": True, **self.meta},
+            meta={"model": "nightrec-metarec", "dim": self.item_matrix().shape[1], "bias_folded": True, **self.meta},
         )
 
     def _profile_matrix(self, users: list[str], vectors: dict[str, np.ndarray] | None) -> np.ndarray | None:
@@ -270,6 +292,8 @@ class Recommender:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        if self.cold_model is not None:
+            tensors |= {f"cold_model.{k}": v.detach().contiguous() for k, v in self.cold_model.state_dict().items()}
         tensors["item_text_vectors"] = torch.from_numpy(np.ascontiguousarray(self.item_text_vectors, np.float32))
         with atomic.staged_path(folder / "model.safetensors") as tmp:
             save_file(tensors, str(tmp))
@@ -296,8 +320,25 @@ class Recommender:
         config = TrainConfig.from_dict(header["config"])
         text = tensors.pop("item_text_vectors").numpy()
         model = MetaRecModel(len(header["item_ids"]), text.shape[1], config, header.get("profile_dim"))
-        model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()})
-        return cls(model=model, item_ids=header["item_ids"], item_text_vectors=text, config=config, meta=header["meta"])
+        cold_state = {k.removeprefix("cold_model."): v for k, v in tensors.items() if k.startswith("cold_model.")}
+        model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        cold_model = None
+        if cold_state:
+            cold_config = _cold_config(config)
+            cold_model = MetaRecModel(len(header["item_ids"]), text.shape[1], cold_config, header.get("profile_dim"))
+            cold_model.load_state_dict(cold_state)
+        return cls(
+            model=model,
+            item_ids=header["item_ids"],
+            item_text_vectors=text,
+            config=config,
+            meta=header["meta"],
+            cold_model=cold_model,
+        )
+
+
+def _cold_config(config: TrainConfig) -> TrainConfig:
+    return dataclasses.replace(config, use_id=False, cold_below=0)
 
 
 # --- training -----------------------------------------------------------------------------------------------------
@@ -481,8 +522,19 @@ def _fit(
             "losses": [round(x, 5) for x in losses],  # per-epoch meta-training query loss, for the lead's plot
         }
     )
+    cold_model = None
+    if config.cold_below > 0 and config.use_id and users:
+        cold = _fit(events, item_ids, item_text_vectors, user_profile_vectors, _cold_config(config), init_from)
+        cold_model = cold.model
+        meta["cold_losses"] = cold.meta["losses"]
+        meta["train_seconds"] = round(time.perf_counter() - started, 2)
     return Recommender(
-        model=model, item_ids=list(item_ids), item_text_vectors=item_text_vectors, config=config, meta=meta
+        model=model,
+        item_ids=list(item_ids),
+        item_text_vectors=item_text_vectors,
+        config=config,
+        meta=meta,
+        cold_model=cold_model,
     )
 
 

@@ -30,7 +30,7 @@ def checkerboard_events(n_users: int = 160, seed: int = 0) -> pl.DataFrame:
 ITEM_IDS = [f"i{i}" for i in range(N_BLOCKS * BLOCK)]
 TEXT = np.random.default_rng(1).normal(size=(len(ITEM_IDS), 16)).astype(np.float32)  # text carries no signal here
 # one thread: tiny tensors, where a second thread only adds synchronisation
-CONFIG = TrainConfig(dim=16, epochs=40, batch_users=32, lr=2e-2, seed=3, dropout=0.0, threads=1)
+CONFIG = TrainConfig(dim=16, epochs=40, batch_users=32, lr=2e-2, seed=3, dropout=0.0, threads=1, cold_below=0)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +96,18 @@ def test_warm_start_carries_item_rows_by_id_and_new_items_get_text_vectors(train
     new = warm.model.item_id.weight.detach()
     torch.testing.assert_close(new[1:], old.flip(0))
     assert np.isfinite(warm.item_matrix()[0]).all()
+
+
+def test_short_histories_are_served_by_the_cold_model(tmp_path):
+    config = TrainConfig(dim=8, epochs=3, batch_users=32, seed=2, threads=1, cold_below=3)
+    gated = fit_recommender(checkerboard_events(60), ITEM_IDS, TEXT, None, config)
+    assert gated.cold_model is not None and len(gated.meta["cold_losses"]) == 3
+    events = checkerboard_events(4, seed=8).filter(~((pl.col("user_id") == "u0") & (pl.col("item_id") != "i3")))
+    events = pl.concat(
+        [events, pl.DataFrame({"user_id": ["u0"], "item_id": ["i4"], "timestamp": [events["timestamp"].max()]})]
+    )
+    served = Recommender.load(gated.save(tmp_path / "gated")).served_vectors(events, ["u0", "u1"])
+    assert served.dim == 2 * (config.dim + 1)
+    warm_block, cold_block = served.user_matrix[:, : config.dim + 1], served.user_matrix[:, config.dim + 1 :]
+    assert np.all(warm_block[0] == 0) and cold_block[0, -1] == 1.0  # two interactions: the cold model
+    assert np.all(cold_block[1] == 0) and warm_block[1, -1] == 1.0  # six or more: the warm model
