@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -167,8 +168,6 @@ def embed_users(run_date: dt.date, parent_run_id: str) -> dict:
 
 def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
     """Content key of everything training reads: events before the date, the catalogue, settings, champion, code."""
-    import hashlib
-
     import nightrec.tasks.train as train_module
 
     settings = Settings()
@@ -177,7 +176,7 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
     for day in lake.event_dates():
         if day < run_date:
             digest.update(day.isoformat().encode())
-            digest.update(hashlib.sha256((lake.events_partition(day) / "part-0.parquet").read_bytes()).digest())
+            digest.update(lake.events_partition_sha256(day).encode())
     if lake.items_file.exists():
         digest.update(hashlib.sha256(lake.items_file.read_bytes()).digest())
     digest.update(Path(train_module.__file__).read_bytes())  # the code version
@@ -196,7 +195,10 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
 
 
 def _train_cache_key(context, parameters: dict) -> str:
-    return f"train-{parameters['run_date']}-{train_inputs_key(parameters['run_date'], parameters['champion_dir'])}"
+    # models_root names the home: two homes with the same data must not share a model folder.
+    inputs = train_inputs_key(parameters["run_date"], parameters["champion_dir"])
+    home = hashlib.sha256(str(Path(parameters["models_root"]).resolve()).encode()).hexdigest()[:12]
+    return f"train-{parameters['run_date']}-{home}-{inputs}"
 
 
 @task(

@@ -136,6 +136,17 @@ class Lake:
         except Exception as exc:  # bytes that pass the footer check can still fail to decode
             raise CorruptPartitionError(f"{path}: unreadable: {str(exc).strip().splitlines()[0]}") from exc
 
+    def events_partition_sha256(self, day: dt.date) -> str:
+        """The day's content digest: the manifest's sha256 (no re-read of the data), hashed afresh without one."""
+        folder = self.events_partition(day)
+        manifest = folder / MANIFEST_FILE
+        if manifest.exists():
+            try:
+                return str(json.loads(manifest.read_text())["sha256"])
+            except (ValueError, KeyError):
+                pass  # an unreadable manifest: fall back to the bytes themselves
+        return atomic.sha256_file(folder / PART_FILE)
+
     def write_events_partition(self, day: dt.date, frame: pl.DataFrame) -> None:
         """Replace the whole partition for ``day``: the Parquet file and its manifest are written in a staging
         folder and swapped in with one rename, so a reader sees the old pair or the new pair, never a mix."""

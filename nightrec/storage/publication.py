@@ -48,7 +48,10 @@ def publish(
     staging = atomic.new_staging_dir(target.parent, target.name)
     try:
         rows, users = _write_batches(staging / PART_FILE, batches)
-        manifest = {**file_manifest(staging / PART_FILE), "users": users, "run_date": day.isoformat()}
+        # The pointer's provenance (MLflow run, model version) goes into the manifest too, so a partition says
+        # which run wrote it even after LATEST has moved on.
+        provenance = {key: value for key, value in pointer.items() if key != "date"}
+        manifest = {**provenance, **file_manifest(staging / PART_FILE), "users": users, "run_date": day.isoformat()}
         atomic.write_json_atomic(staging / MANIFEST_FILE, manifest)
         atomic.fsync_dir(staging)
         atomic.replace_dir(staging, target)

@@ -45,7 +45,9 @@ def test_serve_schedules_nightly_and_runs_it_through_the_api(tmp_path, monkeypat
         try:
             with temporary_settings({PREFECT_API_URL: api_url}):
                 deployment = wait_for_deployment("nightly/nightly", serve)
-                assert deployment.concurrency_limit == 1
+                # Prefect 3.x keeps a deployment's limit as a global concurrency limit (the old field reads None).
+                limit = deployment.global_concurrency_limit
+                assert limit is not None and limit.limit == 1, deployment
                 cron = deployment.schedules[0].schedule
                 assert (cron.cron, cron.timezone) == ("30 3 * * *", "Europe/Paris")
                 run = run_deployment("nightly/nightly", parameters={"run_date": FIRST_NIGHT.isoformat()}, timeout=600)
@@ -91,6 +93,7 @@ def wait_for_scheduled_runs(deployment_id, timeout: float = 90.0) -> list:
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
 
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
@@ -100,6 +103,8 @@ def wait_for_scheduled_runs(deployment_id, timeout: float = 90.0) -> list:
                 flow_run_filter=FlowRunFilter(
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
                 ),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC,  # the sync client sends None otherwise, which the API refuses
+                limit=20,
             )
             if runs:
                 return runs

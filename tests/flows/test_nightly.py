@@ -65,7 +65,7 @@ def test_first_model_becomes_champion_and_produced_the_lists(night):
 
     client = MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
     champion = client.get_model_version_by_alias(settings.registered_model, "champion")
-    assert str(summary["gate"]["model_version"]) == champion.version
+    assert str(summary["gate"]["model_version"]) == str(champion.version)
 
 
 def test_recommend_prints_titles_and_reasons(night):
