@@ -19,6 +19,7 @@ from nightrec.flows import plots, stages
 from nightrec.flows.locks import date_lock
 from nightrec.settings import Settings
 from nightrec.storage import tracking
+from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import Lake
 
 KEEP_WORK_FOLDERS = 3  # nights whose work folders (model, vectors, index) stay on disk for inspection
@@ -69,17 +70,25 @@ def _run_night(settings: Settings, day: dt.date, trigger: str) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         summary: dict = {"run_date": day.isoformat(), "mlflow_run_id": parent, "trigger": trigger}
+        failpoint("before:ingest")
         if settings.events_source or settings.items_source or settings.users_source:
             summary["ingest"] = stages.ingest_sources(parent)
+        failpoint("after:ingest")
         summary["embed_items"] = stages.embed_items(parent)
+        failpoint("after:embed-items")
         summary["embed_users"] = stages.embed_users(day, parent)
+        failpoint("after:embed-users")
         champion = registry.champion(client, settings.registered_model)
         summary["train"] = stages.train_model(
             day, parent, str(night_dir / "models"), str(champion.path) if champion else None
         )
+        failpoint("after:train")
         summary["gate"] = stages.evaluate_and_gate(day, parent, str(workdir), summary["train"]["model_dir"])
+        failpoint("after:evaluate-and-gate")
         summary["index"] = stages.compress_and_index(day, parent, str(workdir))
+        failpoint("after:compress-and-index")
         summary["publish"] = stages.publish_lists(day, parent, str(workdir))
+        failpoint("after:publish")
         _report(settings, client, exp, parent, summary)
     except BaseException as exc:
         client.set_tag(parent, "nightrec.error", f"{type(exc).__name__}: {exc}"[:5000])

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nightrec.storage import atomic
+from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import MANIFEST_FILE, PART_FILE, CorruptPartitionError, Lake, file_manifest, verify_parquet
 from nightrec.storage.schemas import RECOMMENDATIONS
 
@@ -54,9 +55,11 @@ def publish(
         manifest = {**provenance, **file_manifest(staging / PART_FILE), "users": users, "run_date": day.isoformat()}
         atomic.write_json_atomic(staging / MANIFEST_FILE, manifest)
         atomic.fsync_dir(staging)
+        failpoint("publish:before-swap")
         atomic.replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already on success
+    failpoint("publish:before-latest")
     current = lake.read_latest_pointer()
     moved = current is None or move_latest_back or dt.date.fromisoformat(current["date"]) <= day
     if moved:
@@ -78,6 +81,7 @@ def _write_batches(path: Path, batches: Iterable[pa.RecordBatch]) -> tuple[int, 
                 continue
             table = pa.Table.from_batches([batch]).select(RECOMMENDATIONS.names).cast(RECOMMENDATIONS)
             writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+            failpoint("publish:mid-write")  # rows on disk, footer not yet: a torn file if the process dies here
             rows += table.num_rows
             users += int(pc.sum(pc.equal(table["rank"], 1)).as_py() or 0)  # one rank-1 row per user list
     with open(path, "rb+") as handle:

@@ -18,6 +18,7 @@ import polars as pl
 
 from nightrec.settings import Settings
 from nightrec.storage import atomic
+from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import PART_FILE, Lake
 from nightrec.storage.schemas import EVENTS, ITEMS
 
@@ -366,6 +367,7 @@ def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sou
             kept += unique.height
             _merge_into_partition(lake, day, unique)
             report.dates.append(day.isoformat())
+            failpoint("ingest:mid-merge")  # some days rewritten, others not yet
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report.valid = kept
