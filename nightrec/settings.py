@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +68,12 @@ class Settings(BaseSettings):
     embedding_chunk_size: int = Field(
         default=8192, gt=0, description="Texts embedded and written per part file: bounds memory on any catalogue."
     )
+    user_text_max_users: int = Field(
+        default=20_000,
+        ge=0,
+        description="Most users embedded from their profile text by the language model in one night; above it, "
+        "users with a history get the mean of their recent items' vectors (1M users: seconds, not hours).",
+    )
 
     # Recommender and publication
     top_k: int = Field(default=50, gt=0)
@@ -87,8 +94,18 @@ class Settings(BaseSettings):
     # Scheduling
     nightly_cron: str = "0 2 * * *"
     timezone: str = "UTC"
-    task_runner: str = Field(default="local", description="local or ray: where the embedding and publish stages run.")
-    ray_address: str | None = Field(default=None, description="Ray cluster address; default: a local Ray instance.")
+    task_runner: Literal["local", "ray"] = Field(
+        default="local", description="local or ray: where the embedding and publish stages run."
+    )
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster: ray://host:10001, host:6379 or auto; default: a local Ray instance."
+    )
+    shards: int = Field(
+        default=0,
+        ge=0,
+        description="Parallel shards of the embedding and publish stages (item and user ranges); "
+        "0 = one with task_runner=local, the Ray cluster's CPU count with ray.",
+    )
 
     @field_validator("home", mode="after")
     @classmethod

@@ -17,6 +17,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import polars as pl
 import torch
 
 from nightrec.settings import Settings
+from nightrec.shards import shard_bounds
 from nightrec.storage import atomic
 from nightrec.storage import embeddings as store
 from nightrec.storage.lake import Lake, partition_dates
@@ -35,6 +37,8 @@ POOLINGS = ("mean", "cls", "last")
 FAST_PATHS = ("none", "int8")
 # Part of every user text hash: bump when the profile text format changes so every profile is re-embedded.
 USER_PROFILE_VERSION = "profile-v1"
+# Salt of a profile vector pooled from item vectors instead of embedded from its text.
+POOLED_SALT = "\x1epooled-items-v1"
 
 
 class ModelLoadError(ValueError):
@@ -432,10 +436,26 @@ def embed_items(lake: Lake, settings: Settings) -> dict[str, float]:
     ``files_rewritten`` and ``rows_dropped`` (compaction of stale vectors).
     """
     start = time.perf_counter()
+    prepare_item_cache(lake, settings)
+    part = embed_item_range(lake, settings)
+    return item_stats([part], finish_item_cache(lake, settings), time.perf_counter() - start)
+
+
+def prepare_item_cache(lake: Lake, settings: Settings) -> None:
+    """Remove what a crashed writer left in the cache folder; run once, before any :func:`embed_item_range`."""
+    atomic.remove_stale_staging(item_cache_folder(lake, settings))
+
+
+def embed_item_range(lake: Lake, settings: Settings, shard: int = 0, shards: int = 1) -> dict[str, float]:
+    """Embed the new or changed items among catalogue rows of ``shard`` of ``shards`` into the cache.
+
+    Shards run in parallel (separate processes, one cache): each adds its own part files and touches no others.
+    Returns ``items``, ``embedded``, ``reused`` and ``embed_seconds`` of its rows.
+    """
     items = lake.read_items().unique("item_id", keep="last", maintain_order=True)
-    keys, texts = current_item_keys(items, settings)
+    start, stop = shard_bounds(items.height, shard, shards)
+    keys, texts = current_item_keys(items.slice(start, stop - start), settings)
     folder = item_cache_folder(lake, settings)
-    atomic.remove_stale_staging(folder)
     stored = store.read_index(folder, "item_id").select("item_id", "text_hash").unique()
     todo = keys.with_row_index("_row").join(stored, on=["item_id", "text_hash"], how="anti").sort("_row")
     embed_seconds = 0.0
@@ -454,13 +474,31 @@ def embed_items(lake: Lake, settings: Settings) -> dict[str, float]:
                 "item_id", encoder.key, chunk_keys["item_id"].to_list(), chunk_keys["text_hash"].to_list(), vectors
             )
             store.write_part(folder, table)  # written as we go: a crash keeps the finished chunks
-    compaction = store.compact(folder, "item_id", keys, settings.embedding_chunk_size)
     return {
-        "items": float(items.height),
+        "items": float(keys.height),
         "embedded": float(todo.height),
-        "reused": float(items.height - todo.height),
-        "seconds": time.perf_counter() - start,
-        "items_per_second": todo.height / embed_seconds if embed_seconds > 0 else 0.0,
+        "reused": float(keys.height - todo.height),
+        "embed_seconds": embed_seconds,
+    }
+
+
+def finish_item_cache(lake: Lake, settings: Settings) -> dict[str, int]:
+    """Compact the cache against the whole catalogue's current texts; run once, after every item range is done."""
+    items = lake.read_items().unique("item_id", keep="last", maintain_order=True)
+    keys, _ = current_item_keys(items, settings)
+    return store.compact(item_cache_folder(lake, settings), "item_id", keys, settings.embedding_chunk_size)
+
+
+def item_stats(parts: list[dict[str, float]], compaction: dict[str, int], seconds: float) -> dict[str, float]:
+    """The stage's figures from its item ranges' figures and the compaction."""
+    embedded = sum(p["embedded"] for p in parts)
+    embed_seconds = sum(p["embed_seconds"] for p in parts)  # summed over shards: per-process throughput
+    return {
+        "items": float(sum(p["items"] for p in parts)),
+        "embedded": float(embedded),
+        "reused": float(sum(p["reused"] for p in parts)),
+        "seconds": seconds,
+        "items_per_second": embedded / embed_seconds if embed_seconds > 0 else 0.0,
         **{k: float(v) for k, v in compaction.items()},
     }
 
@@ -570,7 +608,10 @@ def embed_users(lake: Lake, settings: Settings, day: dt.date) -> dict[str, float
     """Profile vectors of every user from events strictly before ``day``, written as the snapshot for ``day``.
 
     Users whose profile text (history + attributes) is unchanged since the previous snapshot keep their vector.
-    Returns ``users``, ``embedded``, ``reused``, ``seconds``.
+    When more than ``settings.user_text_max_users`` users need a new vector, those with a history get the pooled
+    vector of their recent items instead (:func:`pooled_user_vectors`: no language model, seconds for a million
+    users); the rest, and every user on a smaller night, go through the language model.
+    Returns ``users``, ``embedded`` (language model), ``pooled``, ``reused``, ``seconds``.
     """
     start = time.perf_counter()
     events = lake.scan_events(before=day).collect()
@@ -578,18 +619,46 @@ def embed_users(lake: Lake, settings: Settings, day: dt.date) -> dict[str, float
     texts = _with_prefix(profiles["text"].to_list(), settings.embedding_query_prefix)
     salt = _user_salt(settings)
     key = settings_encoder_key(settings)
-    keys = pl.DataFrame({"user_id": profiles["user_id"], "text_hash": [store.text_hash(t, salt) for t in texts]})
+    keys = pl.DataFrame(
+        {
+            "user_id": profiles["user_id"],
+            "text_hash": [store.text_hash(t, salt) for t in texts],
+            # the same profile, pooled: a user pooled last night and unchanged keeps that vector too
+            "pooled_hash": [store.text_hash(t, salt + POOLED_SALT) for t in texts],
+        }
+    )
     previous = _previous_user_partition(lake, day)
     stored = pl.DataFrame(schema={"user_id": pl.String, "text_hash": pl.String})
     if previous is not None:
         stored = store.read_index(previous, "user_id").filter(pl.col("model") == key).select("user_id", "text_hash")
-    reuse = keys.join(stored, on=["user_id", "text_hash"], how="semi")
-    todo = keys.with_row_index("_row").join(reuse, on=["user_id", "text_hash"], how="anti")
+    stored_pooled = stored.rename({"text_hash": "pooled_hash"})
+    reuse = pl.concat(
+        [
+            keys.join(stored, on=["user_id", "text_hash"], how="semi").select("user_id", "text_hash"),
+            keys.join(stored_pooled, on=["user_id", "pooled_hash"], how="semi").select(
+                "user_id", pl.col("pooled_hash").alias("text_hash")
+            ),
+        ]
+    ).unique("user_id", keep="first", maintain_order=True)
+    todo = keys.with_row_index("_row").join(reuse.select("user_id"), on="user_id", how="anti")
+    pooled = todo.clear()
+    if todo.height > settings.user_text_max_users:
+        with_history = events.select("user_id").unique()
+        pooled = todo.join(with_history, on="user_id", how="semi")
+        todo = todo.join(with_history, on="user_id", how="anti")
     target = lake.user_embeddings_dir(day)
     staging = atomic.new_staging_dir(target.parent, target.name)
     try:
         if previous is not None and reuse.height:
             store.copy_matching(store.part_files(previous), "user_id", reuse, staging, settings.embedding_chunk_size)
+        if pooled.height:
+            recent = recent_history(events, settings.user_history_items).join(
+                pooled.select("user_id"), on="user_id", how="semi"
+            )
+            hashes = dict(zip(pooled["user_id"].to_list(), pooled["pooled_hash"].to_list(), strict=True))
+            for users, vectors in pooled_user_vectors(lake, settings, recent, settings.embedding_chunk_size):
+                table = store.vectors_table("user_id", key, users, [hashes[u] for u in users], vectors)
+                store.write_part(staging, table)
         if todo.height:
             encoder = settings_encoder(settings)
             rows = todo["_row"].to_numpy()
@@ -610,6 +679,7 @@ def embed_users(lake: Lake, settings: Settings, day: dt.date) -> dict[str, float
     return {
         "users": float(keys.height),
         "embedded": float(todo.height),
+        "pooled": float(pooled.height),
         "reused": float(reuse.height),
         "seconds": time.perf_counter() - start,
     }
@@ -632,26 +702,56 @@ def load_user_embeddings(lake: Lake, settings: Settings, day: dt.date) -> dict[s
     return vectors
 
 
-def pooled_history_vectors(lake: Lake, settings: Settings, day: dt.date) -> dict[str, np.ndarray]:
-    """user_id -> L2-normalised mean of the item vectors of the user's ``user_history_items`` latest interactions
-    before ``day`` (items no longer in the catalogue are skipped). Run :func:`embed_items` first."""
-    recent = (
-        lake.scan_events(before=day)
+def recent_history(events: pl.DataFrame | pl.LazyFrame, recent: int) -> pl.DataFrame:
+    """``user_id, item_id``: each user's ``recent`` latest interactions (the items a profile is pooled from)."""
+    return (
+        events.lazy()
         .select("user_id", "item_id", "timestamp")
         .sort(["user_id", "timestamp", "item_id"], descending=[False, True, False])
         .collect()
         .group_by("user_id", maintain_order=True)
-        .head(settings.user_history_items)
+        .head(recent)
+        .select("user_id", "item_id")
     )
+
+
+def pooled_user_vectors(
+    lake: Lake, settings: Settings, recent: pl.DataFrame, chunk_users: int
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(user ids, L2-normalised mean item vectors) per chunk of ``chunk_users`` users, users sorted, from ``recent``
+    (``user_id, item_id``); items no longer in the catalogue are skipped. One sparse product per chunk, no per-user
+    Python. Run :func:`embed_items` first."""
+    import scipy.sparse as sp
+
     catalogue = lake.read_items()["item_id"].unique()
     recent = recent.filter(pl.col("item_id").is_in(catalogue.implode()))
-    item_ids = recent["item_id"].unique(maintain_order=True).to_list()
+    item_ids = recent["item_id"].unique().sort().to_list()
     if not item_ids:
-        return {}
+        return
     matrix = load_item_embeddings(lake, settings, item_ids)
-    row = {item: i for i, item in enumerate(item_ids)}
+    coded = recent.with_columns(
+        pl.col("item_id").replace_strict(item_ids, list(range(len(item_ids))), return_dtype=pl.Int64).alias("ix")
+    ).sort("user_id", maintain_order=True)
+    users = coded["user_id"].unique(maintain_order=True)
+    counts = coded.group_by("user_id", maintain_order=True).len()["len"].to_numpy().astype(np.int64)
+    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)])
+    columns = coded["ix"].to_numpy()
+    for first in range(0, len(users), chunk_users):
+        last = min(first + chunk_users, len(users))
+        lo, hi = offsets[first], offsets[last]
+        local = np.repeat(np.arange(last - first), counts[first:last])
+        weights = np.repeat(1.0 / counts[first:last], counts[first:last]).astype(np.float32)
+        mean = sp.csr_matrix((weights, (local, columns[lo:hi])), shape=(last - first, len(item_ids))) @ matrix
+        mean = np.asarray(mean, dtype=np.float32)
+        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+        yield users[first:last].to_list(), mean
+
+
+def pooled_history_vectors(lake: Lake, settings: Settings, day: dt.date) -> dict[str, np.ndarray]:
+    """user_id -> L2-normalised mean of the item vectors of the user's ``user_history_items`` latest interactions
+    before ``day`` (items no longer in the catalogue are skipped). Run :func:`embed_items` first."""
+    recent = recent_history(lake.scan_events(before=day), settings.user_history_items)
     pooled: dict[str, np.ndarray] = {}
-    for (user,), group in recent.group_by("user_id", maintain_order=True):
-        mean = matrix[[row[i] for i in group["item_id"].to_list()]].mean(axis=0)
-        pooled[user] = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+    for users, vectors in pooled_user_vectors(lake, settings, recent, settings.embedding_chunk_size):
+        pooled.update(zip(users, vectors, strict=True))
     return pooled

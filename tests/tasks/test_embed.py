@@ -290,3 +290,16 @@ def test_pooled_history_vectors_average_the_recent_items(lake, settings):
     both = embed.pooled_history_vectors(lake, settings, DAY1)["u1"]
     mean = embed.load_item_embeddings(lake, settings, ["i01", "i02"]).mean(axis=0)
     np.testing.assert_allclose(both, mean / np.linalg.norm(mean), atol=1e-6)
+
+
+def test_users_past_the_text_limit_get_pooled_item_vectors(lake, settings):
+    embed.embed_items(lake, settings)
+    capped = settings.model_copy(update={"user_text_max_users": 2})  # 3 users to embed: over the limit
+    first = embed.embed_users(lake, capped, DAY1)
+    assert (first["users"], first["pooled"], first["embedded"], first["reused"]) == (3, 2, 1, 0)  # u3: no events
+    vectors = embed.load_user_embeddings(lake, capped, DAY1)
+    pooled = embed.pooled_history_vectors(lake, capped, DAY1)
+    for user in ("u1", "u2"):
+        np.testing.assert_allclose(vectors[user], pooled[user], atol=1e-6)
+    again = embed.embed_users(lake, capped, DAY1)  # an unchanged pooled user keeps its vector
+    assert (again["pooled"], again["embedded"], again["reused"]) == (0, 0, 3)
