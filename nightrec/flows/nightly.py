@@ -21,6 +21,7 @@ from nightrec.settings import Settings
 from nightrec.storage import tracking
 from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import Lake
+from nightrec.tasks.pyfunc_model import recommender_dir
 
 KEEP_WORK_FOLDERS = 3  # nights whose work folders (model, vectors, index) stay on disk for inspection
 
@@ -80,7 +81,7 @@ def _run_night(settings: Settings, day: dt.date, trigger: str) -> dict:
         failpoint("after:embed-users")
         champion = registry.champion(client, settings.registered_model)
         summary["train"] = stages.train_model(
-            day, parent, str(night_dir / "models"), str(champion.path) if champion else None
+            day, parent, str(night_dir / "models"), str(recommender_dir(champion.path)) if champion else None
         )
         failpoint("after:train")
         summary["gate"] = stages.evaluate_and_gate(day, parent, str(workdir), summary["train"]["model_dir"])

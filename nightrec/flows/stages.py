@@ -8,6 +8,7 @@ import datetime as dt
 import glob
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -262,16 +263,17 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
     """Score the new model, the champion and popularity on the holdout; register, maybe promote, pick what to serve."""
     from nightrec.flows import plots
     from nightrec.storage import registry
-    from nightrec.tasks import evaluate, train
+    from nightrec.tasks import evaluate, pyfunc_model, train
 
     with _Stage(parent_run_id, "evaluate-and-gate") as st:
         name = st.settings.registered_model
         events = night_events(st.lake, run_date)
         train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
         champion = registry.champion(st.client, name)
+        champion_weights = pyfunc_model.recommender_dir(champion.path) if champion is not None else None
         models = {"model": train.Recommender.load(Path(model_dir))}
-        if champion is not None:
-            models["champion"] = train.Recommender.load(Path(champion.path))
+        if champion_weights is not None:
+            models["champion"] = train.Recommender.load(champion_weights)
         report: dict[str, dict[str, float]] = {}
         if holdout.height:
             item_ids = models["model"].item_ids
@@ -295,15 +297,17 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
                 reason="no holdout days to evaluate on yet: "
                 + ("first model, promoted" if champion is None else "kept the champion"),
             )
-        version = registry.register_model(
-            st.client, name, Path(model_dir), parent_run_id, {"holdout_ndcg_at_10": new_ndcg}
-        )
+        # Registered as an MLflow pyfunc with a signature: the registry UI shows its schema and anyone can load it.
+        mlflow_model = Path(workdir) / "mlflow-model"
+        shutil.rmtree(mlflow_model, ignore_errors=True)  # a retried stage starts clean
+        pyfunc_model.save_pyfunc(Path(model_dir), mlflow_model)
+        version = registry.register_model(st.client, name, mlflow_model, parent_run_id, {"holdout_ndcg_at_10": new_ndcg})
         if decision.promote:
             registry.promote(st.client, name, version)
         serve_new = decision.publish == "new" or champion is None
         result = {
             "model_version": version if serve_new else champion.version,
-            "serving_model_dir": model_dir if serve_new else str(champion.path),
+            "serving_model_dir": model_dir if serve_new else str(champion_weights),
             "candidate_version": version,
             "promoted": decision.promote,
             "published_model": "new" if serve_new else "champion",

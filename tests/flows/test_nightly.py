@@ -68,6 +68,20 @@ def test_first_model_becomes_champion_and_produced_the_lists(night):
     assert str(summary["gate"]["model_version"]) == str(champion.version)
 
 
+def test_champion_loads_from_the_registry_as_a_pyfunc_with_a_signature(night):
+    settings, _ = night
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{settings.registered_model}@champion")
+    assert model.metadata.signature.inputs.input_names() == ["history"]
+    history = pl.from_arrow(publication.read_latest(Lake(settings.lake_root))[1])["item_id"][:3].to_list()
+    out = model.predict(pd.DataFrame({"history": [history]}), params={"k": 7})
+    assert len(out["item_ids"][0]) == 7 and not set(out["item_ids"][0]) & set(history)
+
+
 def test_recommend_prints_titles_and_reasons(night):
     settings, _ = night
     from nightrec.flows.cli import app
