@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from nightrec.flows import plots, stages
+from nightrec.flows import plots, scaleout, stages
 from nightrec.flows.locks import date_lock
 from nightrec.settings import Settings
 from nightrec.storage import tracking
@@ -50,11 +50,11 @@ def nightly(run_date: dt.date | None = None, trigger: str = "manual") -> dict:
     settings = Settings()
     day = resolve_run_date(run_date, settings.timezone)
     settings.home.mkdir(parents=True, exist_ok=True)
-    with date_lock(settings.home, day):
-        return _run_night(settings, day, trigger)
+    with date_lock(settings.home, day), scaleout.shard_plan(settings) as plan:
+        return _run_night(settings, day, trigger, plan)
 
 
-def _run_night(settings: Settings, day: dt.date, trigger: str) -> dict:
+def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.ShardPlan | None = None) -> dict:
     from nightrec.storage import registry
 
     client = tracking.client_for(settings.tracking_uri)
@@ -75,9 +75,9 @@ def _run_night(settings: Settings, day: dt.date, trigger: str) -> dict:
         if settings.events_source or settings.items_source or settings.users_source:
             summary["ingest"] = stages.ingest_sources(parent)
         failpoint("after:ingest")
-        summary["embed_items"] = stages.embed_items(parent)
+        summary["embed_items"] = scaleout.embed_items(plan, parent)
         failpoint("after:embed-items")
-        summary["embed_users"] = stages.embed_users(day, parent)
+        summary["embed_users"] = scaleout.embed_users(plan, day, parent, str(workdir))
         failpoint("after:embed-users")
         champion = registry.champion(client, settings.registered_model)
         summary["train"] = stages.train_model(
@@ -88,7 +88,7 @@ def _run_night(settings: Settings, day: dt.date, trigger: str) -> dict:
         failpoint("after:evaluate-and-gate")
         summary["index"] = stages.compress_and_index(day, parent, str(workdir))
         failpoint("after:compress-and-index")
-        summary["publish"] = stages.publish_lists(day, parent, str(workdir))
+        summary["publish"] = scaleout.publish_lists(plan, day, parent, str(workdir))
         failpoint("after:publish")
         _report(settings, client, exp, parent, summary)
     except BaseException as exc:

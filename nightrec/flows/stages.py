@@ -369,33 +369,60 @@ def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> d
 @task(name="publish", **RETRY)
 def publish_lists(run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
     """Top-k with reasons for every known user, checked, then published atomically with the LATEST pointer."""
-    from nightrec.storage import publication
     from nightrec.storage.vectors import load_served_vectors
-    from nightrec.tasks import publish
 
     with _Stage(parent_run_id, "publish") as st:
-        gate = read_state(Path(workdir), "gate")
         vectors = load_served_vectors(Path(workdir) / "vectors")
         history = night_events(st.lake, run_date)
-        items = st.lake.read_items()
-        exclude = None
-        if st.settings.exclude_unavailable:
-            exclude = set(items.filter(pl.col("available").eq(False))["item_id"].to_list())
-        batches = publish.build_lists(
-            vectors,
-            Path(workdir) / "index",
-            history,
-            items,
-            k=st.settings.top_k,
-            run_date=run_date,
-            model_version=str(gate["model_version"]),
-            exclude_items=exclude,
-        )
-        pointer = {"date": run_date.isoformat(), "mlflow_run_id": parent_run_id, "model_version": gate["model_version"]}
-        stats = publication.publish(st.lake, run_date, batches, pointer)
-        _, table = publication.read_latest(st.lake)
-        problems = publish.check_lists(table, history, vectors.user_ids, st.settings.top_k)
-        st.metrics({**stats, "problems": len(problems)})
-        if problems:
-            raise RuntimeError(f"published lists for {run_date} failed the checker: {problems[:5]}")
-        return stats
+        batches = night_lists(st.settings, st.lake, run_date, Path(workdir), vectors, history)
+        return publish_checked(st, run_date, Path(workdir), batches, history, vectors.user_ids)
+
+
+def night_lists(
+    settings: Settings,
+    lake: Lake,
+    run_date: dt.date,
+    workdir: Path,
+    vectors,
+    history: pl.DataFrame,
+    shard: int = 0,
+    shards: int = 1,
+):
+    """Record batches of the night's lists for the users of range ``shard`` of ``shards``."""
+    from nightrec.tasks import publish
+
+    gate = read_state(workdir, "gate")
+    items = lake.read_items()
+    exclude = None
+    if settings.exclude_unavailable:
+        exclude = set(items.filter(pl.col("available").eq(False))["item_id"].to_list())
+    return publish.build_lists(
+        vectors,
+        workdir / "index",
+        history,
+        items,
+        k=settings.top_k,
+        run_date=run_date,
+        model_version=str(gate["model_version"]),
+        exclude_items=exclude,
+        shard=shard,
+        shards=shards,
+    )
+
+
+def publish_checked(
+    st: _Stage, run_date: dt.date, workdir: Path, batches, history: pl.DataFrame, user_ids: list[str]
+) -> dict:
+    """Publish ``batches`` as the date's lists (one atomic swap, then LATEST), read them back and check them."""
+    from nightrec.storage import publication
+    from nightrec.tasks import publish
+
+    gate = read_state(workdir, "gate")
+    pointer = {"date": run_date.isoformat(), "mlflow_run_id": st.parent_run_id, "model_version": gate["model_version"]}
+    stats = publication.publish(st.lake, run_date, batches, pointer)
+    _, table = publication.read_latest(st.lake)
+    problems = publish.check_lists(table, history, user_ids, st.settings.top_k)
+    st.metrics({**stats, "problems": len(problems)})
+    if problems:
+        raise RuntimeError(f"published lists for {run_date} failed the checker: {problems[:5]}")
+    return stats

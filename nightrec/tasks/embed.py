@@ -614,6 +614,28 @@ def embed_users(lake: Lake, settings: Settings, day: dt.date) -> dict[str, float
     Returns ``users``, ``embedded`` (language model), ``pooled``, ``reused``, ``seconds``.
     """
     start = time.perf_counter()
+    target = lake.user_embeddings_dir(day)
+    staging = atomic.new_staging_dir(target.parent, target.name)
+    try:
+        stats = embed_user_range(lake, settings, day, staging)
+        atomic.replace_dir(staging, target)
+    finally:
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    return {**stats, "seconds": time.perf_counter() - start}
+
+
+def embed_user_range(
+    lake: Lake, settings: Settings, day: dt.date, dest: Path, shard: int = 0, shards: int = 1
+) -> dict[str, float]:
+    """Part files under ``dest`` with the vectors for ``day`` of the users of range ``shard`` of ``shards``
+    (user_id order), chosen as :func:`embed_users` does; :func:`publish_user_parts` makes the ranges the snapshot.
+
+    What is reused, pooled or embedded is decided over all users (the pooled switch counts the whole night), so
+    the vectors do not depend on the shard count. Returns ``users``, ``embedded``, ``pooled``, ``reused``.
+    """
     events = lake.scan_events(before=day).collect()
     profiles = user_profile_texts(events, lake.read_items(), lake.read_users(), settings.user_history_items)
     texts = _with_prefix(profiles["text"].to_list(), settings.embedding_query_prefix)
@@ -646,43 +668,56 @@ def embed_users(lake: Lake, settings: Settings, day: dt.date) -> dict[str, float
         with_history = events.select("user_id").unique()
         pooled = todo.join(with_history, on="user_id", how="semi")
         todo = todo.join(with_history, on="user_id", how="anti")
-    target = lake.user_embeddings_dir(day)
-    staging = atomic.new_staging_dir(target.parent, target.name)
-    try:
-        if previous is not None and reuse.height:
-            store.copy_matching(store.part_files(previous), "user_id", reuse, staging, settings.embedding_chunk_size)
-        if pooled.height:
-            recent = recent_history(events, settings.user_history_items).join(
-                pooled.select("user_id"), on="user_id", how="semi"
+    # This range's users only; the decisions above were taken over everyone.
+    first, last = shard_bounds(keys.height, shard, shards)
+    mine = keys.slice(first, last - first).select("user_id")
+    reuse, todo, pooled = (frame.join(mine, on="user_id", how="semi") for frame in (reuse, todo, pooled))
+    dest.mkdir(parents=True, exist_ok=True)
+    if previous is not None and reuse.height:
+        store.copy_matching(store.part_files(previous), "user_id", reuse, dest, settings.embedding_chunk_size)
+    if pooled.height:
+        recent = recent_history(events, settings.user_history_items).join(
+            pooled.select("user_id"), on="user_id", how="semi"
+        )
+        hashes = dict(zip(pooled["user_id"].to_list(), pooled["pooled_hash"].to_list(), strict=True))
+        for users, vectors in pooled_user_vectors(lake, settings, recent, settings.embedding_chunk_size):
+            table = store.vectors_table("user_id", key, users, [hashes[u] for u in users], vectors)
+            store.write_part(dest, table)
+    if todo.height:
+        encoder = settings_encoder(settings)
+        rows = todo["_row"].to_numpy()
+        for first_row in range(0, len(rows), settings.embedding_chunk_size):
+            part = rows[first_row : first_row + settings.embedding_chunk_size]
+            vectors = encoder.encode([texts[i] for i in part], batch_size=settings.embedding_batch_size)
+            chunk_keys = keys[part.tolist()]
+            table = store.vectors_table(
+                "user_id", key, chunk_keys["user_id"].to_list(), chunk_keys["text_hash"].to_list(), vectors
             )
-            hashes = dict(zip(pooled["user_id"].to_list(), pooled["pooled_hash"].to_list(), strict=True))
-            for users, vectors in pooled_user_vectors(lake, settings, recent, settings.embedding_chunk_size):
-                table = store.vectors_table("user_id", key, users, [hashes[u] for u in users], vectors)
-                store.write_part(staging, table)
-        if todo.height:
-            encoder = settings_encoder(settings)
-            rows = todo["_row"].to_numpy()
-            for first in range(0, len(rows), settings.embedding_chunk_size):
-                part = rows[first : first + settings.embedding_chunk_size]
-                vectors = encoder.encode([texts[i] for i in part], batch_size=settings.embedding_batch_size)
-                chunk_keys = keys[part.tolist()]
-                table = store.vectors_table(
-                    "user_id", key, chunk_keys["user_id"].to_list(), chunk_keys["text_hash"].to_list(), vectors
-                )
-                store.write_part(staging, table)
-        atomic.replace_dir(staging, target)
-    finally:
-        if staging.exists():
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
+            store.write_part(dest, table)
     return {
-        "users": float(keys.height),
+        "users": float(mine.height),
         "embedded": float(todo.height),
         "pooled": float(pooled.height),
         "reused": float(reuse.height),
-        "seconds": time.perf_counter() - start,
     }
+
+
+def publish_user_parts(lake: Lake, day: dt.date, folders: list[Path]) -> None:
+    """Swap the part files of every user range in as the snapshot for ``day`` in one step (readers never see a
+    snapshot with a range missing)."""
+    import shutil
+
+    target = lake.user_embeddings_dir(day)
+    staging = atomic.new_staging_dir(target.parent, target.name)
+    try:
+        for folder in folders:
+            for path in store.part_files(Path(folder)):
+                shutil.move(path, staging / path.name)  # a rename on one filesystem, else a copy
+        atomic.fsync_dir(staging)
+        atomic.replace_dir(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_user_embeddings(lake: Lake, settings: Settings, day: dt.date) -> dict[str, np.ndarray]:

@@ -15,13 +15,16 @@ Memory is bounded by one batch of ``batch_users`` users (plus the history index,
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from nightrec.shards import shard_bounds
+from nightrec.storage import atomic
 from nightrec.storage.schemas import RECOMMENDATIONS
 from nightrec.storage.vectors import ServedVectors
 from nightrec.tasks.index import ItemIndex, load_index
@@ -67,8 +70,13 @@ def build_lists(
     batch_users: int = 4096,
     n_reasons: int = 3,
     reason_history: int = 256,
+    shard: int = 0,
+    shards: int = 1,
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches in the RECOMMENDATIONS schema: for every user of ``vectors``, up to k items, rank 1 first."""
+    """Record batches in the RECOMMENDATIONS schema: for every user of ``vectors``, up to k items, rank 1 first.
+
+    With ``shards`` > 1, only the users (rows of ``vectors``) of range ``shard``, so ranges can run in parallel.
+    """
     item_index = load_index(index_folder)
     vec_row = {item: i for i, item in enumerate(vectors.item_ids)}
     missing = [item for item in item_index.item_ids if item not in vec_row]
@@ -88,8 +96,9 @@ def build_lists(
     user_id_arr = pa.array(vectors.user_ids, pa.string())
     version = str(model_version)
 
-    for start in range(0, len(vectors.user_ids), batch_users):
-        stop = min(start + batch_users, len(vectors.user_ids))
+    first, last = shard_bounds(len(vectors.user_ids), shard, shards)
+    for start in range(first, last, batch_users):
+        stop = min(start + batch_users, last)
         seen_offsets = offsets[start : stop + 1] - offsets[start]
         seen_vec = hist_rows[offsets[start] : offsets[stop]]
         seen_index = vec_to_index[seen_vec]  # -1 for items outside the index (never returned anyway)
@@ -109,6 +118,25 @@ def build_lists(
             run_date,
             version,
         )
+
+
+def write_list_part(batches: Iterable[pa.RecordBatch], path: Path) -> int:
+    """One user range's lists as a Parquet file (written whole or not at all); returns its row count.
+
+    A parallel publish writes one such part per range, then streams them in order into one atomic publication.
+    """
+    rows = 0
+    with atomic.staged_path(path) as tmp, pq.ParquetWriter(tmp, RECOMMENDATIONS, compression="zstd") as writer:
+        for batch in batches:
+            writer.write_batch(batch.select(RECOMMENDATIONS.names).cast(RECOMMENDATIONS))
+            rows += batch.num_rows
+    return rows
+
+
+def read_list_parts(paths: Iterable[Path]) -> Iterator[pa.RecordBatch]:
+    """The record batches of list parts, file after file: memory stays bounded by one batch."""
+    for path in paths:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=65_536)
 
 
 def top_k_unseen(
