@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from nightrec.storage import atomic
+from nightrec.storage import atomic, locking
 from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import MANIFEST_FILE, PART_FILE, CorruptPartitionError, Lake, file_manifest, verify_parquet
 from nightrec.storage.schemas import RECOMMENDATIONS
@@ -60,10 +60,13 @@ def publish(
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already on success
     failpoint("publish:before-latest")
-    current = lake.read_latest_pointer()
-    moved = current is None or move_latest_back or dt.date.fromisoformat(current["date"]) <= day
-    if moved:
-        atomic.write_json_atomic(lake.latest_pointer, {**pointer, "date": day.isoformat()})
+    with locking.pointer_lock(lake):  # compare and replace as one step: two dates publishing at once
+        for leftover in lake.latest_pointer.parent.glob(f".{lake.latest_pointer.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)  # a killed pointer write; only a pointer-lock holder writes these
+        current = lake.read_latest_pointer()
+        moved = current is None or move_latest_back or dt.date.fromisoformat(current["date"]) <= day
+        if moved:
+            atomic.write_json_atomic(lake.latest_pointer, {**pointer, "date": day.isoformat()})
     return {"rows": rows, "users": users, "bytes": manifest["bytes"], "sha256": manifest["sha256"], "latest": moved}
 
 

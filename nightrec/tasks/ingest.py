@@ -7,6 +7,7 @@ it rejects. A file that is not what it claims to be is refused before anything i
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from nightrec.settings import Settings
-from nightrec.storage import atomic
+from nightrec.storage import atomic, locking
 from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import PART_FILE, Lake
 from nightrec.storage.schemas import EVENTS, ITEMS
@@ -324,6 +325,19 @@ def _free_name(name: str, taken: list[str]) -> str:
     return name
 
 
+def one_ingest_at_a_time(func):
+    """Run an ingest entry point under the lake's ingest lock: merges are read-modify-write, and two at once would
+    lose the first one's rows (a second process waits, with a message, until the first is done)."""
+
+    @functools.wraps(func)
+    def locked(lake: Lake, *args, **kwargs):
+        with locking.ingest_lock(lake):
+            return func(lake, *args, **kwargs)
+
+    return locked
+
+
+@one_ingest_at_a_time
 def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, source: str, now=None) -> IngestReport:
     """Validate a text frame and land it: valid rows merged into their date partitions, bad rows to quarantine.
 
@@ -460,6 +474,7 @@ def merge_items(existing: pl.DataFrame | None, new: pl.DataFrame) -> pl.DataFram
     return newest.drop("_batch", "_row").sort("item_id").cast(pl.from_arrow(ITEMS.empty_table()).schema)
 
 
+@one_ingest_at_a_time
 def ingest_items_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, source: str, now=None) -> IngestReport:
     now = now or dt.datetime.now(dt.UTC)
     items, rejected = normalise_items(frame, settings, source)
@@ -487,6 +502,7 @@ def ingest_items_file(lake: Lake, path: Path, settings: Settings, now=None) -> I
         raise _refuse_unreadable(Path(path), exc) from exc
 
 
+@one_ingest_at_a_time
 def ingest_users_frame(lake: Lake, frame: pl.LazyFrame, source: str) -> IngestReport:
     """User attributes, newest file wins per user; every attribute is kept as text."""
     frame = apply_column_mapping(frame, {}, ("user_id",), source)
