@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     train_epochs: int | None = Field(
         default=None, gt=0, description="Override the trainer's epoch count (tests, quick runs)."
     )
+    train_max_users_per_epoch: int | None = Field(
+        default=20_000, gt=0, description="Users (meta-training tasks) sampled per epoch; None = all of them."
+    )
     warm_start: bool = Field(default=True, description="Start the night's training from the current champion.")
     exclude_unavailable: bool = Field(default=True, description="Never recommend items marked available=false.")
 

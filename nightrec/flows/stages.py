@@ -186,6 +186,7 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
         settings.holdout_days,
         settings.seed,
         settings.train_epochs,
+        settings.train_max_users_per_epoch,
         settings.warm_start,
         settings.embedding_model,
         settings.item_text_template,
@@ -222,7 +223,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
         train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
         item_ids = st.lake.read_items()["item_id"].to_list()
         text = embed.load_item_embeddings(st.lake, st.settings, item_ids)
-        config = train.TrainConfig(seed=st.settings.seed)
+        config = train.TrainConfig(seed=st.settings.seed, max_users_per_epoch=st.settings.train_max_users_per_epoch)
         if st.settings.train_epochs:
             config.epochs = st.settings.train_epochs
         init_from = Path(champion_dir) if champion_dir and st.settings.warm_start else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import numpy as np
 import polars as pl
@@ -66,6 +67,17 @@ def test_training_is_deterministic_under_a_seed():
     b = fit_recommender(events, ITEM_IDS, TEXT, None, config)
     assert a.meta["losses"] == b.meta["losses"] and len(a.meta["losses"]) == 3
     np.testing.assert_array_equal(a.item_matrix(), b.item_matrix())
+
+
+def test_a_user_cap_per_epoch_above_the_user_count_changes_nothing():
+    events = checkerboard_events(60)
+    config = TrainConfig(dim=8, epochs=2, batch_users=16, seed=11, threads=1)
+    full = fit_recommender(events, ITEM_IDS, TEXT, None, config)
+    capped_above = fit_recommender(events, ITEM_IDS, TEXT, None, replace(config, max_users_per_epoch=10_000))
+    assert capped_above.meta["losses"] == full.meta["losses"]
+    sampled = fit_recommender(events, ITEM_IDS, TEXT, None, replace(config, max_users_per_epoch=16))
+    again = fit_recommender(events, ITEM_IDS, TEXT, None, replace(config, max_users_per_epoch=16))
+    assert sampled.meta["losses"] == again.meta["losses"] != full.meta["losses"]  # one batch per epoch, seeded
 
 
 def test_save_load_round_trip_and_served_vectors(trained, tmp_path):
