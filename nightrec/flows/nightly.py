@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from nightrec.flows import plots, scaleout, stages
+from nightrec.flows import plots, recovery, scaleout, stages
 from nightrec.flows.locks import date_lock
 from nightrec.settings import Settings
 from nightrec.storage import tracking
@@ -59,6 +59,7 @@ def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.Sh
 
     client = tracking.client_for(settings.tracking_uri)
     exp = tracking.experiment_id(client, settings.mlflow_experiment, settings.artifact_root)
+    recovery.recover_unfinished_nights(client, exp, settings.registered_model, day)  # under the lock: dead runs
     tags = {
         "nightrec.run_date": day.isoformat(),
         "nightrec.kind": "nightly",

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 CHAMPION = "champion"
 MODEL_ARTIFACT = "model"
 METRIC_TAG_PREFIX = "holdout."
+PREVIOUS_CHAMPION_TAG = "nightrec.previous_champion"  # set on promotion: the version this one replaced
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,33 @@ def register_model(client: MlflowClient, name: str, model_dir: Path, run_id: str
 
 
 def promote(client: MlflowClient, name: str, version: str) -> None:
+    """Point ``champion`` at ``version``; the version remembers which one it replaced (see ``undo_promotions``)."""
+    try:
+        previous = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        previous = ""
+    client.set_model_version_tag(name, str(version), PREVIOUS_CHAMPION_TAG, previous)
     client.set_registered_model_alias(name, CHAMPION, str(version))
+
+
+def undo_promotions(client: MlflowClient, name: str, run_ids: set[str]) -> list[str]:
+    """While the champion was registered by one of ``run_ids`` (nights that did not finish), point the alias back at
+    the version it replaced (or remove it if there was none). Returns the versions taken off, newest first."""
+    undone: list[str] = []
+    while True:
+        try:
+            version = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            return undone
+        if version.run_id not in run_ids:
+            return undone
+        undone.append(str(version.version))
+        previous = version.tags.get(PREVIOUS_CHAMPION_TAG, "")
+        if previous:
+            client.set_registered_model_alias(name, CHAMPION, previous)
+        else:
+            client.delete_registered_model_alias(name, CHAMPION)
+            return undone
 
 
 def champion(client: MlflowClient, name: str, dst: Path | None = None) -> ChampionInfo | None:
