@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -39,6 +40,7 @@ def test_three_day_backfill_then_skip_then_force_one_date(prefect_server, tmp_pa
     assert lake.read_latest_pointer()["date"] == DATES[-1].isoformat()
 
     partitions = {d: tree_digest(lake.recommendations_partition(d)) for d in DATES}
+    events = {d: tree_digest(lake.events_partition(d)) for d in lake.event_dates()}
     again = backfill()
     assert again.exit_code == 0 and "skipped 3 already published" in again.output
     assert {d: tree_digest(lake.recommendations_partition(d)) for d in DATES} == partitions
@@ -51,6 +53,11 @@ def test_three_day_backfill_then_skip_then_force_one_date(prefect_server, tmp_pa
     after = {d: tree_digest(lake.recommendations_partition(d)) for d in DATES}
     assert after[DATES[0]] == partitions[DATES[0]] and after[DATES[2]] == partitions[DATES[2]]
     assert after[DATES[1]] != partitions[DATES[1]]  # rewritten: the manifest records the new run
+    # ... with the very same lists: the re-run night (which re-ingested the same files) is deterministic
+    assert after[DATES[1]]["part-0.parquet"] == partitions[DATES[1]]["part-0.parquet"]
+    manifest = json.loads((lake.recommendations_partition(DATES[1]) / "_manifest.json").read_text())
+    assert manifest["mlflow_run_id"] != lake.read_latest_pointer()["mlflow_run_id"]  # LATEST still names DATES[2]
+    assert events == {d: tree_digest(lake.events_partition(d)) for d in lake.event_dates()}  # re-ingest: no duplicates
     runs = client.search_runs([exp], filter_string=f"tags.`nightrec.run_date` = '{DATES[1].isoformat()}'")
     assert len([r for r in runs if r.data.tags.get("nightrec.kind") == "nightly"]) == 2
 
