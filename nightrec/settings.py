@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     compression_tolerance: float = Field(
         default=0.02, ge=0.0, description="Relative NDCG@10 loss a compression step may cost (compress_served)."
     )
+    eval_max_users: int | None = Field(
+        default=20_000, gt=0, description="Holdout users the nightly gate scores (a seeded sample); None = all."
+    )
+    compression_max_users: int | None = Field(
+        default=10_000, gt=0, description="Holdout users the compression search measures on (seeded); None = all."
+    )
     reasons_per_item: int = Field(default=3, ge=0, description="History items listed as reasons per recommendation.")
     seed: int = 42
     train_epochs: int | None = Field(

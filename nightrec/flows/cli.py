@@ -176,12 +176,21 @@ def _print_night(summary: dict) -> None:
 
 @app.command()
 def evaluate(
-    dataset: Annotated[Path, typer.Option(help="A MovieLens folder (100K, 1M or latest layout).")],
+    dataset: Annotated[
+        Path, typer.Option(help="A MovieLens folder (100K, 1M or latest layout), or its name under --datasets-dir.")
+    ],
     epochs: Annotated[int | None, typer.Option(help="Override training epochs.")] = None,
+    datasets_dir: Annotated[
+        Path, typer.Option(envvar="NIGHTREC_DATASETS", help="Where dataset names are looked up.")
+    ] = Path("../shared/datasets"),
 ) -> None:
     """Offline evaluation (DESIGN.md protocol) of nightrec against the peers, logged to MLflow."""
     from nightrec.flows.offline import run_offline_evaluation
 
+    if not dataset.exists() and (datasets_dir / dataset).is_dir():
+        dataset = datasets_dir / dataset  # `--dataset movielens-100k`
+    if not dataset.is_dir():
+        raise typer.BadParameter(f"{dataset}: no such folder (nor under {datasets_dir})", param_hint="--dataset")
     settings = _settings()
     report = run_offline_evaluation(settings, dataset, epochs)
     typer.echo(report["markdown"])

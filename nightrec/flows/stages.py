@@ -78,15 +78,20 @@ def known_users(lake: Lake, events: pl.DataFrame) -> list[str]:
 
 
 def served_ndcg(train_events: pl.DataFrame, holdout: pl.DataFrame, k: int = 10):
-    """A function scoring served vectors by holdout NDCG@k (seen = train history), for the compression search."""
-    from nightrec.ranking import ndcg_at_k, top_k_unseen
+    """A function scoring served vectors by holdout NDCG@k (seen = train history), for the compression search.
+
+    Scores a batch of users at a time (memory: a batch times the catalogue)."""
+    from nightrec.ranking import ndcg_at_k
+    from nightrec.tasks.evaluate import top_k_in_batches
 
     def quality(vectors) -> float:
         item_index = {item: i for i, item in enumerate(vectors.item_ids)}
+        users = pl.DataFrame({"user_id": vectors.user_ids})
 
         def per_user(frame: pl.DataFrame) -> list:
             grouped = dict(
-                frame.with_columns(pl.col("item_id").replace_strict(item_index, default=None, return_dtype=pl.Int64))
+                frame.join(users, on="user_id", how="semi")
+                .with_columns(pl.col("item_id").replace_strict(item_index, default=None, return_dtype=pl.Int64))
                 .drop_nulls("item_id")
                 .group_by("user_id")
                 .agg(pl.col("item_id").unique())
@@ -94,8 +99,11 @@ def served_ndcg(train_events: pl.DataFrame, holdout: pl.DataFrame, k: int = 10):
             )
             return [grouped.get(u, []) for u in vectors.user_ids]
 
-        scores = vectors.user_matrix @ vectors.item_matrix.T
-        return ndcg_at_k(top_k_unseen(scores, per_user(train_events), k), per_user(holdout), k)
+        def scores(rows: slice):
+            return vectors.user_matrix[rows] @ vectors.item_matrix.T
+
+        top = top_k_in_batches(scores, per_user(train_events), k, len(vectors.item_ids))
+        return ndcg_at_k(top, per_user(holdout), k)
 
     return quality
 
@@ -278,7 +286,9 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
         report: dict[str, dict[str, float]] = {}
         if holdout.height:
             item_ids = models["model"].item_ids
-            report = evaluate.holdout_report(models, train_events, holdout, item_ids, k=10)
+            report = evaluate.holdout_report(
+                models, train_events, holdout, item_ids, 10, st.settings.eval_max_users, st.settings.seed
+            )
             for model_name, metrics in report.items():
                 st.metrics(metrics, prefix=f"{model_name}_")
             tracking.log_figure(st.client, st.run_id, plots.model_vs_peers(report), "plots/holdout_vs_peers.png")
@@ -339,7 +349,7 @@ def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> d
         train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
         if holdout.height:
             # Compression is judged on vectors adapted without the holdout, then applied to everyone's full vectors.
-            holdout_users = sorted(set(holdout["user_id"].to_list()))
+            holdout_users = compress.sample_users(holdout, st.settings.compression_max_users, st.settings.seed)
             probe = recommender.served_vectors(train_events, holdout_users)
             quality = served_ndcg(train_events, holdout, k=10)
             result = compress.compress_served(probe, quality, st.settings.champion_tolerance, st.settings.seed)

@@ -238,6 +238,15 @@ def _transform(
 
 
 # --- the search ------------------------------------------------------------------------------------------------------
+def sample_users(holdout, max_users: int | None, seed: int) -> list[str]:
+    """The holdout's users (sorted), or a seeded sample of ``max_users`` of them: the compression search measures
+    every configuration on these, so on a million users it costs a sample, not the whole night again."""
+    users = sorted(set(holdout["user_id"].to_list()))
+    if max_users is None or len(users) <= max_users:
+        return users
+    return sorted(np.random.default_rng(seed).choice(users, size=max_users, replace=False).tolist())
+
+
 def compress_served(
     vectors: ServedVectors,
     quality: Callable[[ServedVectors], float],

@@ -465,37 +465,61 @@ def holdout_report(
     holdout_events: pl.DataFrame,
     item_ids: list[str],
     k: int = 10,
+    max_users: int | None = None,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Each model and popularity on the users of ``holdout_events``, scored from their ``train_events`` history.
 
     Full ranking over ``item_ids`` with seen items removed; a model whose catalogue lacks an item cannot recommend it.
-    Users with no training history get each model's prior (popularity for the popularity peer).
+    Users with no training history get each model's prior (popularity for the popularity peer). With ``max_users``,
+    a seeded sample of that many holdout users is scored (the same users for every model); scores are computed a
+    batch of users at a time, so memory is a batch times the catalogue, not every user times it.
     """
     index = {item: i for i, item in enumerate(item_ids)}
     users = sorted(set(holdout_events["user_id"].unique().to_list()))
-    _, seen = user_sequences(train_events, index, users)
-    _, relevant = user_sequences(holdout_events, index, users)
+    if max_users is not None and len(users) > max_users:
+        users = sorted(np.random.default_rng(seed).choice(users, size=max_users, replace=False).tolist())
+    _, everyone = user_sequences(train_events, index)  # popularity counts every training user, not just these
+    mine = train_events.filter(pl.col("user_id").is_in(users))
+    _, seen = user_sequences(mine, index, users)
+    _, relevant = user_sequences(holdout_events.filter(pl.col("user_id").is_in(users)), index, users)
     keep = [i for i, r in enumerate(relevant) if len(r)]
     users, seen, relevant = [users[i] for i in keep], [seen[i] for i in keep], [relevant[i] for i in keep]
     n_items = len(item_ids)
     report = {}
     for name, model in models.items():
-        _, own = user_sequences(train_events, model.item_index, users)
-        own_scores = model.score_histories(own) if users else np.zeros((0, len(model.item_ids)))
-        scores = np.full((len(users), n_items), -np.inf, dtype=np.float32)
+        _, own = user_sequences(mine, model.item_index, users)
         shared = [(index[item], j) for j, item in enumerate(model.item_ids) if item in index]
-        if shared:
-            cols, own_cols = map(np.asarray, zip(*shared, strict=True))
-            scores[:, cols] = own_scores[:, own_cols]
-        report[name] = _holdout_metrics(scores, seen, relevant, k)
-    _, everyone = user_sequences(train_events, index)  # popularity counts every training user, not just these
-    report["popularity"] = _holdout_metrics(Popularity(everyone, n_items).score(seen), seen, relevant, k)
+        cols, own_cols = map(np.asarray, zip(*shared, strict=True)) if shared else (None, None)
+
+        def model_scores(rows: slice, own=own, model=model, cols=cols, own_cols=own_cols) -> np.ndarray:
+            scores = np.full((len(own[rows]), n_items), -np.inf, dtype=np.float32)
+            if cols is not None and len(own[rows]):
+                scores[:, cols] = model.score_histories(own[rows])[:, own_cols]
+            return scores
+
+        report[name] = _holdout_metrics(model_scores, seen, relevant, k, n_items)
+    popularity = Popularity(everyone, n_items)
+    report["popularity"] = _holdout_metrics(lambda rows: popularity.score(seen[rows]), seen, relevant, k, n_items)
     return report
 
 
-def _holdout_metrics(scores: np.ndarray, seen: Histories, relevant: Histories, k: int) -> dict[str, float]:
+def top_k_in_batches(
+    score_rows: Callable[[slice], np.ndarray], seen: Histories, k: int, n_items: int, batch: int = 1024
+) -> np.ndarray:
+    """(n_users, k) top unseen items of ``score_rows(slice)`` (scores of those users), a batch of users at a time."""
+    tops = [np.zeros((0, k), np.int64)]
+    for start in range(0, len(seen), batch):
+        rows = slice(start, min(start + batch, len(seen)))
+        tops.append(top_k_unseen(score_rows(rows), seen[rows], k))
+    return np.concatenate(tops)
+
+
+def _holdout_metrics(
+    score_rows: Callable[[slice], np.ndarray], seen: Histories, relevant: Histories, k: int, n_items: int
+) -> dict[str, float]:
     k20 = max(20, k)
-    top = top_k_unseen(scores, seen, k20) if len(seen) else np.zeros((0, k20), np.int64)
+    top = top_k_in_batches(score_rows, seen, k20, n_items)
     at_k, at_20 = per_user_metrics(top, relevant, k), per_user_metrics(top, relevant, k20)
     mean = lambda v: float(np.nanmean(v)) if len(v) else float("nan")  # noqa: E731
     head = top[:, :k]
@@ -505,6 +529,6 @@ def _holdout_metrics(scores: np.ndarray, seen: Histories, relevant: Histories, k
         f"recall_at_{k20}": mean(at_20["recall"]),
         f"precision_at_{k}": mean(at_k["precision"]),
         f"map_at_{k}": mean(at_k["map"]),
-        "coverage": float(np.unique(head[head >= 0]).size / scores.shape[1]) if scores.shape[1] else 0.0,
+        "coverage": float(np.unique(head[head >= 0]).size / n_items) if n_items else 0.0,
         "users": float(len(relevant)),
     }

@@ -97,3 +97,14 @@ def test_few_users_and_unmeasurable_quality_keep_the_full_vectors():
     assert {r["dim"] for r in result.table} <= {32, 4}  # 16 > 5 users: no projection fitted to it
     unmeasured = compress.compress_served(vectors, lambda v: float("nan"), dims=(4,), distill_steps=0)
     assert unmeasured.chosen == "full/users-float32/items-Flat" and unmeasured.codec == "Flat"
+
+
+def test_the_search_measures_on_a_seeded_sample_of_holdout_users():
+    import polars as pl
+
+    holdout = pl.DataFrame({"user_id": [f"u{i % 50:02d}" for i in range(120)]})
+    assert compress.sample_users(holdout, None, 0) == [f"u{i:02d}" for i in range(50)]
+    assert compress.sample_users(holdout, 50, 0) == compress.sample_users(holdout, None, 0)
+    sample = compress.sample_users(holdout, 10, 7)
+    assert len(sample) == len(set(sample)) == 10 and sample == sorted(sample)
+    assert sample == compress.sample_users(holdout, 10, 7) != compress.sample_users(holdout, 10, 8)

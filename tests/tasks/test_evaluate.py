@@ -103,6 +103,21 @@ def test_holdout_report_hand_computed_popularity_and_missing_catalogue_items():
     assert report["champion"]["recall_at_20"] <= 0.5
 
 
+def test_holdout_report_on_a_seeded_user_sample():
+    item_ids = [f"i{i}" for i in range(20)]
+    text = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    histories = block_histories(60)
+    train = events([(f"u{u}", f"i{i}") for u, h in enumerate(histories) for i in h[:-2]])
+    holdout = events([(f"u{u}", f"i{i}") for u, h in enumerate(histories) for i in h[-2:]])
+    model = fit_recommender(train, item_ids, text, None, TrainConfig(dim=8, epochs=2, batch_users=16, threads=1))
+    whole = evaluate.holdout_report({"model": model}, train, holdout, item_ids, k=10)
+    assert evaluate.holdout_report({"model": model}, train, holdout, item_ids, k=10, max_users=1000) == whole
+    sample = evaluate.holdout_report({"model": model}, train, holdout, item_ids, k=10, max_users=25, seed=3)
+    assert sample["model"]["users"] == sample["popularity"]["users"] == 25.0
+    assert sample == evaluate.holdout_report({"model": model}, train, holdout, item_ids, k=10, max_users=25, seed=3)
+    assert sample != evaluate.holdout_report({"model": model}, train, holdout, item_ids, k=10, max_users=25, seed=4)
+
+
 @pytest.mark.movielens
 def test_movielens_holdout_model_beats_popularity(movielens_100k):
     from nightrec.sources import movielens
