@@ -39,3 +39,9 @@ def test_refused_file_is_named_and_exit_code_is_nonzero(home, tmp_path):
 def test_ingest_without_files_is_a_usage_error(home):
     result = CliRunner().invoke(app, ["ingest"])
     assert result.exit_code == 2 and "nothing to ingest" in result.output
+
+
+def test_evaluate_names_a_missing_dataset(home, tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", "--dataset", "no-such-set", "--datasets-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no-such-set" in result.output and str(tmp_path) in result.output
