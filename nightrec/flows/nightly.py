@@ -76,7 +76,7 @@ def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.Sh
         if settings.events_source or settings.items_source or settings.users_source:
             summary["ingest"] = stages.ingest_sources(parent)
         failpoint("after:ingest")
-        summary["embed_items"] = scaleout.embed_items(plan, parent)
+        summary["embed_items"] = scaleout.embed_items(plan, parent, str(workdir))
         failpoint("after:embed-items")
         summary["embed_users"] = scaleout.embed_users(plan, day, parent, str(workdir))
         failpoint("after:embed-users")

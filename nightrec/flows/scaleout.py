@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +36,15 @@ from nightrec.storage.lake import Lake
 
 # Variables besides NIGHTREC_* that change what a worker computes or whether it may reach the network.
 PASSED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+
+
+def _worker() -> str:
+    """Where a shard ran (host:pid), reported in the stage's summary: on a cluster, which node to look at."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _workers(parts: list[dict]) -> list[str]:
+    return sorted({part["worker"] for part in parts})
 
 
 @dataclass
@@ -106,12 +116,15 @@ def shard_plan(settings: Settings) -> Iterator[ShardPlan]:
 
 # --- shard tasks (run on Ray workers or in this process) ------------------------------------------------------------
 @task(name="embed-items-shard", task_run_name="embed-items-{shard}-of-{shards}", **stages.RETRY)
-def embed_items_shard(shard: int, shards: int) -> dict:
-    """Embed the new or changed items of one catalogue range into the shared cache (own part files only)."""
+def embed_items_shard(todo_file: str, shard: int, shards: int) -> dict:
+    """Embed this shard's chunks of the night's item list into the shared cache (own part files only)."""
+    import polars as pl
+
     from nightrec.tasks import embed
 
     settings = Settings()
-    return embed.embed_item_range(Lake(settings.lake_root), settings, shard, shards)
+    todo = pl.read_parquet(todo_file)
+    return {**embed.embed_item_chunks(Lake(settings.lake_root), settings, todo, shard, shards), "worker": _worker()}
 
 
 @task(name="embed-users-shard", task_run_name="embed-users-{shard}-of-{shards}", **stages.RETRY)
@@ -121,7 +134,8 @@ def embed_users_shard(run_date: dt.date, folder: str, shard: int, shards: int) -
 
     settings = Settings()
     shutil.rmtree(folder, ignore_errors=True)
-    return embed.embed_user_range(Lake(settings.lake_root), settings, run_date, Path(folder), shard, shards)
+    stats = embed.embed_user_range(Lake(settings.lake_root), settings, run_date, Path(folder), shard, shards)
+    return {**stats, "worker": _worker()}
 
 
 @task(name="publish-shard", task_run_name="publish-{shard}-of-{shards}", **stages.RETRY)
@@ -135,7 +149,7 @@ def publish_shard(run_date: dt.date, workdir: str, shard: int, shards: int) -> d
     vectors = load_served_vectors(Path(workdir) / "vectors")
     history = stages.night_events(lake, run_date)
     batches = stages.night_lists(settings, lake, run_date, Path(workdir), vectors, history, shard, shards)
-    return {"rows": publish.write_list_part(batches, list_part(workdir, shard, shards))}
+    return {"rows": publish.write_list_part(batches, list_part(workdir, shard, shards)), "worker": _worker()}
 
 
 def list_part(workdir: str | Path, shard: int, shards: int) -> Path:
@@ -143,10 +157,11 @@ def list_part(workdir: str | Path, shard: int, shards: int) -> Path:
 
 
 # --- the stages, sharded --------------------------------------------------------------------------------------------
-def embed_items(plan: ShardPlan | None, parent_run_id: str) -> dict:
-    """Item vectors: one task per catalogue range, then one compaction of the cache."""
+def embed_items(plan: ShardPlan | None, parent_run_id: str, workdir: str) -> dict:
+    """Item vectors: the items to embed listed once, one task per share of their chunks, one cache compaction."""
     if plan is None or not plan.sharded:
         return stages.embed_items(parent_run_id)
+    from nightrec.storage import atomic
     from nightrec.tasks import embed
 
     with stages._Stage(parent_run_id, "embed-items") as st:
@@ -157,10 +172,14 @@ def embed_items(plan: ShardPlan | None, parent_run_id: str) -> dict:
         )
         start = time.perf_counter()
         embed.prepare_item_cache(st.lake, st.settings)  # before any shard writes: it removes temporary files
-        parts = plan.run(embed_items_shard, plan.ranges())
-        stats = embed.item_stats(parts, embed.finish_item_cache(st.lake, st.settings), time.perf_counter() - start)
+        catalogue, todo = embed.items_to_embed(st.lake, st.settings)
+        todo_file = Path(workdir) / "items-to-embed.parquet"
+        atomic.write_parquet_atomic(todo.to_arrow(), todo_file)
+        parts = plan.run(embed_items_shard, plan.ranges(todo_file=str(todo_file)))
+        compaction = embed.finish_item_cache(st.lake, st.settings)
+        stats = embed.item_stats(catalogue, parts, compaction, time.perf_counter() - start)
         st.metrics(stats)
-        return {**stats, "shards": plan.shards}
+        return {**stats, "shards": plan.shards, "workers": _workers(parts)}
 
 
 def embed_users(plan: ShardPlan | None, run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
@@ -178,7 +197,7 @@ def embed_users(plan: ShardPlan | None, run_date: dt.date, parent_run_id: str, w
         stats = {key: float(sum(p[key] for p in parts)) for key in ("users", "embedded", "pooled", "reused")}
         stats["seconds"] = time.perf_counter() - start
         st.metrics(stats)
-        return {**stats, "shards": plan.shards}
+        return {**stats, "shards": plan.shards, "workers": _workers(parts)}
 
 
 def publish_lists(plan: ShardPlan | None, run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
@@ -190,10 +209,10 @@ def publish_lists(plan: ShardPlan | None, run_date: dt.date, parent_run_id: str,
 
     with stages._Stage(parent_run_id, "publish") as st:
         shutil.rmtree(Path(workdir) / "lists", ignore_errors=True)  # a re-run of the stage leaves no stale part
-        plan.run(publish_shard, plan.ranges(run_date=run_date, workdir=workdir))
+        shard_stats = plan.run(publish_shard, plan.ranges(run_date=run_date, workdir=workdir))
         parts = [list_part(workdir, shard, plan.shards) for shard in range(plan.shards)]
         user_ids = load_served_vectors(Path(workdir) / "vectors").user_ids
         history = stages.night_events(st.lake, run_date)
         batches = publish.read_list_parts(parts)
         stats = stages.publish_checked(st, run_date, Path(workdir), batches, history, user_ids)
-        return {**stats, "shards": plan.shards}
+        return {**stats, "shards": plan.shards, "workers": _workers(shard_stats)}

@@ -437,33 +437,59 @@ def embed_items(lake: Lake, settings: Settings) -> dict[str, float]:
     """
     start = time.perf_counter()
     prepare_item_cache(lake, settings)
-    part = embed_item_range(lake, settings)
-    return item_stats([part], finish_item_cache(lake, settings), time.perf_counter() - start)
+    catalogue, todo = items_to_embed(lake, settings)
+    part = embed_item_chunks(lake, settings, todo)
+    return item_stats(catalogue, [part], finish_item_cache(lake, settings), time.perf_counter() - start)
 
 
 def prepare_item_cache(lake: Lake, settings: Settings) -> None:
-    """Remove what a crashed writer left in the cache folder; run once, before any :func:`embed_item_range`."""
+    """Remove what a crashed writer left in the cache folder; run once, before any :func:`embed_item_chunks`."""
     atomic.remove_stale_staging(item_cache_folder(lake, settings))
 
 
-def embed_item_range(lake: Lake, settings: Settings, shard: int = 0, shards: int = 1) -> dict[str, float]:
-    """Embed the new or changed items among catalogue rows of ``shard`` of ``shards`` into the cache.
+def items_to_embed(lake: Lake, settings: Settings) -> tuple[int, pl.DataFrame]:
+    """(catalogue size, ``_row, item_id, text_hash`` of the items whose current text has no cached vector).
 
-    Shards run in parallel (separate processes, one cache): each adds its own part files and touches no others.
-    Returns ``items``, ``embedded``, ``reused`` and ``embed_seconds`` of its rows.
+    Computed once before parallel shards start, so that no shard sees another shard's new part files.
     """
     items = lake.read_items().unique("item_id", keep="last", maintain_order=True)
-    start, stop = shard_bounds(items.height, shard, shards)
-    keys, texts = current_item_keys(items.slice(start, stop - start), settings)
-    folder = item_cache_folder(lake, settings)
-    stored = store.read_index(folder, "item_id").select("item_id", "text_hash").unique()
+    keys, _ = current_item_keys(items, settings)
+    stored = store.read_index(item_cache_folder(lake, settings), "item_id").select("item_id", "text_hash").unique()
     todo = keys.with_row_index("_row").join(stored, on=["item_id", "text_hash"], how="anti").sort("_row")
+    return items.height, todo
+
+
+def chunk_rows(rows: int, chunk: int, shard: int = 0, shards: int = 1) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of the whole chunks of ``chunk`` rows that belong to ``shard`` of ``shards``.
+
+    Shards take whole chunks, and a chunk is embedded the same way whoever embeds it (the encoder's batches, whose
+    padding changes the last bits of a vector, are formed within one chunk): vectors do not depend on the shards.
+    """
+    first, last = shard_bounds(-(-rows // chunk), shard, shards)
+    return min(first * chunk, rows), min(last * chunk, rows)
+
+
+def embed_item_chunks(
+    lake: Lake, settings: Settings, todo: pl.DataFrame, shard: int = 0, shards: int = 1
+) -> dict[str, float]:
+    """Embed ``shard``'s chunks of ``todo`` (from :func:`items_to_embed`) into the cache, one part file per chunk.
+
+    Shards run in parallel (separate processes, one cache): each adds its own part files and touches no others.
+    Returns ``embedded`` and ``embed_seconds``.
+    """
+    items = lake.read_items().unique("item_id", keep="last", maintain_order=True)
+    keys, texts = current_item_keys(items, settings)
+    chunk = settings.embedding_chunk_size
+    start, stop = chunk_rows(todo.height, chunk, shard, shards)
+    todo = todo.slice(start, stop - start)
+    rows = todo["_row"].to_numpy()
+    if not keys[rows.tolist()].select("item_id", "text_hash").equals(todo.select("item_id", "text_hash")):
+        raise RuntimeError("the catalogue changed while its items were being embedded; run the stage again")
+    folder = item_cache_folder(lake, settings)
     embed_seconds = 0.0
     if todo.height:
         encoder = settings_encoder(settings)
         store.write_manifest(folder, encoder.key, encoder.dim)
-        rows = todo["_row"].to_numpy()
-        chunk = settings.embedding_chunk_size
         for first in range(0, len(rows), chunk):
             part = rows[first : first + chunk]
             t0 = time.perf_counter()
@@ -474,12 +500,7 @@ def embed_item_range(lake: Lake, settings: Settings, shard: int = 0, shards: int
                 "item_id", encoder.key, chunk_keys["item_id"].to_list(), chunk_keys["text_hash"].to_list(), vectors
             )
             store.write_part(folder, table)  # written as we go: a crash keeps the finished chunks
-    return {
-        "items": float(keys.height),
-        "embedded": float(todo.height),
-        "reused": float(keys.height - todo.height),
-        "embed_seconds": embed_seconds,
-    }
+    return {"embedded": float(todo.height), "embed_seconds": embed_seconds}
 
 
 def finish_item_cache(lake: Lake, settings: Settings) -> dict[str, int]:
@@ -489,14 +510,16 @@ def finish_item_cache(lake: Lake, settings: Settings) -> dict[str, int]:
     return store.compact(item_cache_folder(lake, settings), "item_id", keys, settings.embedding_chunk_size)
 
 
-def item_stats(parts: list[dict[str, float]], compaction: dict[str, int], seconds: float) -> dict[str, float]:
-    """The stage's figures from its item ranges' figures and the compaction."""
+def item_stats(
+    catalogue: int, parts: list[dict[str, float]], compaction: dict[str, int], seconds: float
+) -> dict[str, float]:
+    """The stage's figures from its chunks' figures and the compaction."""
     embedded = sum(p["embedded"] for p in parts)
     embed_seconds = sum(p["embed_seconds"] for p in parts)  # summed over shards: per-process throughput
     return {
-        "items": float(sum(p["items"] for p in parts)),
+        "items": float(catalogue),
         "embedded": float(embedded),
-        "reused": float(sum(p["reused"] for p in parts)),
+        "reused": float(catalogue - embedded),
         "seconds": seconds,
         "items_per_second": embedded / embed_seconds if embed_seconds > 0 else 0.0,
         **{k: float(v) for k, v in compaction.items()},
@@ -630,11 +653,12 @@ def embed_users(lake: Lake, settings: Settings, day: dt.date) -> dict[str, float
 def embed_user_range(
     lake: Lake, settings: Settings, day: dt.date, dest: Path, shard: int = 0, shards: int = 1
 ) -> dict[str, float]:
-    """Part files under ``dest`` with the vectors for ``day`` of the users of range ``shard`` of ``shards``
-    (user_id order), chosen as :func:`embed_users` does; :func:`publish_user_parts` makes the ranges the snapshot.
+    """Part files under ``dest`` with the vectors for ``day`` of ``shard``'s share of the users, chosen as
+    :func:`embed_users` does; :func:`publish_user_parts` makes the shares of all shards the day's snapshot.
 
-    What is reused, pooled or embedded is decided over all users (the pooled switch counts the whole night), so
-    the vectors do not depend on the shard count. Returns ``users``, ``embedded``, ``pooled``, ``reused``.
+    What is reused, pooled or embedded is decided over all users (the pooled switch counts the whole night) and
+    language-model work is shared out in whole chunks, so the vectors do not depend on the shard count.
+    Returns ``users``, ``embedded``, ``pooled``, ``reused``.
     """
     events = lake.scan_events(before=day).collect()
     profiles = user_profile_texts(events, lake.read_items(), lake.read_users(), settings.user_history_items)
@@ -668,10 +692,13 @@ def embed_user_range(
         with_history = events.select("user_id").unique()
         pooled = todo.join(with_history, on="user_id", how="semi")
         todo = todo.join(with_history, on="user_id", how="anti")
-    # This range's users only; the decisions above were taken over everyone.
+    # This shard's share; the decisions above were taken over everyone. Users the language model embeds are
+    # shared out as whole chunks (see chunk_rows), the cheap reused and pooled ones by user range.
     first, last = shard_bounds(keys.height, shard, shards)
     mine = keys.slice(first, last - first).select("user_id")
-    reuse, todo, pooled = (frame.join(mine, on="user_id", how="semi") for frame in (reuse, todo, pooled))
+    reuse, pooled = (frame.join(mine, on="user_id", how="semi") for frame in (reuse, pooled))
+    first, last = chunk_rows(todo.height, settings.embedding_chunk_size, shard, shards)
+    todo = todo.slice(first, last - first)
     dest.mkdir(parents=True, exist_ok=True)
     if previous is not None and reuse.height:
         store.copy_matching(store.part_files(previous), "user_id", reuse, dest, settings.embedding_chunk_size)
@@ -695,7 +722,7 @@ def embed_user_range(
             )
             store.write_part(dest, table)
     return {
-        "users": float(mine.height),
+        "users": float(reuse.height + pooled.height + todo.height),
         "embedded": float(todo.height),
         "pooled": float(pooled.height),
         "reused": float(reuse.height),

@@ -1,0 +1,114 @@
+"""Scale-out: the embedding and publish stages as shard tasks on a local Ray cluster give the local runner's output.
+
+Two homes get the same demo data; one night runs with the default local runner (one shard, in the flow's process),
+the other with ``task_runner=ray`` and two shards (item chunks, user ranges) on a two-CPU local Ray instance, both
+through the real Prefect server. Vectors and lists must not depend on where or in how many shards they were made.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import polars as pl
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.sorting import TaskRunSort
+
+from nightrec.settings import Settings
+from nightrec.sources.demo import DemoSpec
+from nightrec.storage import publication
+from nightrec.storage.lake import Lake
+from tests.flows.conftest import FIRST_NIGHT, SMALL, demo_home
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+# Smaller than the other flow tests' demo: this module runs two whole nights.
+SPEC = DemoSpec(users=80, items=120, events=3000, days=40, end=SMALL.end, seed=SMALL.seed)
+
+ray = pytest.importorskip("ray", reason="scale-out needs ray (and prefect-ray)")
+
+
+def run_night(root, **env) -> dict:
+    """One nightly in a fresh home under ``root``; its lists, vectors and summary, read back from the lake."""
+    from nightrec.flows.nightly import nightly
+    from nightrec.tasks import embed
+
+    with pytest.MonkeyPatch.context() as mp:
+        demo_home(root, mp, SPEC)
+        # Shards share out whole chunks of texts to embed: small chunks give both shards work on the demo.
+        mp.setenv("NIGHTREC_EMBEDDING_CHUNK_SIZE", "32")
+        for key, value in env.items():
+            mp.setenv(key, value)
+        summary = nightly(run_date=FIRST_NIGHT)
+        settings = Settings()
+        lake = Lake(settings.lake_root)
+        _, table = publication.read_latest(lake)
+        item_ids = sorted(lake.read_items()["item_id"].to_list())
+        users = embed.load_user_embeddings(lake, settings, FIRST_NIGHT)
+        parent = MlflowClient(settings.tracking_uri).get_run(summary["mlflow_run_id"])
+        return {
+            "flow_run_id": parent.data.tags["prefect.flow_run_id"],
+            "summary": summary,
+            "lists": pl.from_arrow(table).sort("user_id", "rank"),
+            "items": embed.load_item_embeddings(lake, settings, item_ids),
+            "users": np.stack([users[u] for u in sorted(users)]),
+            "user_ids": sorted(users),
+        }
+
+
+@pytest.fixture(scope="module")
+def nights(prefect_server, tmp_path_factory):
+    # Small enough for a 2-core CI machine; the night connects to it instead of starting its own.
+    ray.init(num_cpus=2, include_dashboard=False, namespace="nightrec-tests")
+    try:
+        scaled = run_night(tmp_path_factory.mktemp("ray"), NIGHTREC_TASK_RUNNER="ray", NIGHTREC_SHARDS="2")
+    finally:
+        ray.shutdown()
+    local = run_night(tmp_path_factory.mktemp("local"))
+    return local, scaled
+
+
+def test_the_shard_tasks_ran_on_ray_workers(nights):
+    local, scaled = nights
+    assert "shards" not in local["summary"]["embed_items"]  # the default stays the unsharded stage
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    for stage in ("embed_items", "embed_users", "publish"):
+        assert scaled["summary"][stage]["shards"] == 2
+        workers = scaled["summary"][stage]["workers"]
+        assert workers and here not in workers, f"{stage} ran in the test's process: {workers}"
+
+
+def test_prefect_records_one_task_run_per_shard(nights):
+    _, scaled = nights
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[scaled["flow_run_id"]]))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=flow_run, sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+    states = {r.name: r.state.type.value for r in runs}
+    for stage in ("embed-items", "embed-users", "publish"):
+        for shard in (0, 1):
+            assert states.get(f"{stage}-{shard}-of-2") == "COMPLETED", states
+
+
+def test_item_and_user_embeddings_equal_the_local_run(nights):
+    local, scaled = nights
+    np.testing.assert_array_equal(scaled["items"], local["items"])
+    assert scaled["user_ids"] == local["user_ids"]
+    np.testing.assert_array_equal(scaled["users"], local["users"])
+
+
+def test_published_lists_equal_the_local_run(nights):
+    local, scaled = nights
+    a, b = local["lists"], scaled["lists"]
+    assert a.height == b.height > 0
+    assert a["user_id"].to_list() == b["user_id"].to_list()
+    assert a["rank"].to_list() == b["rank"].to_list()
+    assert a["item_id"].to_list() == b["item_id"].to_list()
+    np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), rtol=1e-5, atol=1e-6)
+    reasons = [pl.col("reasons").list.eval(pl.element().struct.field(f)).alias(f) for f in ("item_id", "title")]
+    assert a.select(reasons).to_dicts() == b.select(reasons).to_dicts()
+    weights = pl.col("reasons").list.eval(pl.element().struct.field("weight")).explode()
+    np.testing.assert_allclose(a.select(weights).to_series(), b.select(weights).to_series(), atol=1e-6)
