@@ -255,13 +255,20 @@ class Recommender:
     ) -> np.ndarray:
         """Adapted user vectors with a trailing 1 (the bias dimension); with a cold model, a user gets the warm block
         or the cold block (the other one zero) by the length of their history."""
-        warm = self._adapted(self.model, histories, profiles, batch)
         if self.cold_model is None:
-            return warm.numpy().astype(np.float32)
-        cold = self._adapted(self.cold_model, histories, profiles, batch)
-        short = torch.tensor([len(h) < self.config.cold_below for h in histories], dtype=torch.bool).unsqueeze(1)
-        both = torch.cat([warm.masked_fill(short, 0.0), cold.masked_fill(~short, 0.0)], dim=1)
-        return both.numpy().astype(np.float32)
+            return self._adapted(self.model, histories, profiles, batch).numpy().astype(np.float32)
+        # Each user is adapted by the one model that serves them (adapting costs O(catalogue) per user).
+        short = np.array([len(h) < self.config.cold_below for h in histories], dtype=bool)
+        warm_dim = self.model.config.dim + 1
+        both = np.zeros((len(histories), warm_dim + self.cold_model.config.dim + 1), dtype=np.float32)
+        for model, rows, columns in (
+            (self.model, np.flatnonzero(~short), slice(0, warm_dim)),
+            (self.cold_model, np.flatnonzero(short), slice(warm_dim, None)),
+        ):
+            if len(rows):
+                own = None if profiles is None else profiles[rows]
+                both[rows, columns] = self._adapted(model, [histories[i] for i in rows], own, batch).numpy()
+        return both
 
     def score_histories(self, histories: list[np.ndarray], profiles: np.ndarray | None = None) -> np.ndarray:
         """(n_users, n_items) scores for users given their item-index histories (time order)."""

@@ -123,3 +123,9 @@ def test_short_histories_are_served_by_the_cold_model(tmp_path):
     warm_block, cold_block = served.user_matrix[:, : config.dim + 1], served.user_matrix[:, config.dim + 1 :]
     assert np.all(warm_block[0] == 0) and cold_block[0, -1] == 1.0  # two interactions: the cold model
     assert np.all(cold_block[1] == 0) and warm_block[1, -1] == 1.0  # six or more: the warm model
+    # each block is what its model gives that user when every user is adapted by both models
+    _, histories = user_sequences(events, gated.item_index, ["u0", "u1"])
+    warm_all = gated._adapted(gated.model, histories, None, 1024).numpy()
+    cold_all = gated._adapted(gated.cold_model, histories, None, 1024).numpy()
+    np.testing.assert_allclose(served.user_matrix[1, : config.dim + 1], warm_all[1], atol=1e-5)
+    np.testing.assert_allclose(served.user_matrix[0, config.dim + 1 :], cold_all[0], atol=1e-5)
