@@ -15,6 +15,7 @@ from nightrec.settings import Settings, apply_environment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nightrec: the nightly recommender pipeline.")
 
+RUN_IN_PROGRESS_EXIT = 75  # EX_TEMPFAIL: another run of the same date holds its lock; try again later
 DateOption = Annotated[dt.datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Run date (YYYY-MM-DD).")]
 
 
@@ -79,9 +80,13 @@ def ingest(
 def nightly(date: DateOption = None) -> None:
     """The whole DAG for one date (default: today in the configured time zone)."""
     _settings()
+    from nightrec.flows.locks import RunInProgressError
     from nightrec.flows.nightly import nightly as nightly_flow
 
-    summary = nightly_flow(run_date=date.date() if date else None, trigger="manual")
+    try:
+        summary = nightly_flow(run_date=date.date() if date else None, trigger="manual")
+    except RunInProgressError as exc:
+        raise _fail(f"refused: {exc}", RUN_IN_PROGRESS_EXIT) from exc
     _print_night(summary)
 
 

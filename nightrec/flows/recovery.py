@@ -52,8 +52,11 @@ def recover_unfinished_nights(client: MlflowClient, exp: str, registered_model: 
             _kill(client, child.info.run_id)
         killed.append(run.info.run_id)
         flow_run_id = run.data.tags.get("prefect.flow_run_id")
-        if flow_run_id and crash_flow_run(flow_run_id):
-            crashed.append(flow_run_id)
+        try:
+            if flow_run_id and crash_flow_run(flow_run_id):
+                crashed.append(flow_run_id)
+        except Exception as exc:  # the Prefect UI's tidiness must not stop tonight's run
+            _logger().warning("could not mark Prefect flow run %s as crashed: %s", flow_run_id, exc)
     undone = registry.undo_promotions(client, registered_model, {r.info.run_id for r in runs})
     done = {"killed_mlflow_runs": killed, "crashed_flow_runs": crashed, "undone_promotions": undone}
     if killed or undone:
@@ -80,6 +83,7 @@ def crash_flow_run(flow_run_id: str) -> bool:
     """Set a Prefect flow run (and its unfinished task runs) to Crashed unless it already ended; True if changed."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
     from prefect.states import Crashed
 
     try:
@@ -93,7 +97,12 @@ def crash_flow_run(flow_run_id: str) -> bool:
             return False
         if flow_run.state is None or flow_run.state.is_final():
             return False
-        for task_run in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))):
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_DESC,
+            limit=200,
+        )
+        for task_run in task_runs:
             if task_run.state is not None and not task_run.state.is_final():
                 client.set_task_run_state(task_run.id, Crashed(message=KILLED_MESSAGE), force=True)
         client.set_flow_run_state(run_id, Crashed(message=KILLED_MESSAGE), force=True)

@@ -1,0 +1,97 @@
+"""Several `nightrec` processes on one home at once: same-date nightly runs, another date alongside, two ingests.
+
+Overlap is made certain, not hoped for: the first process is held inside a failpoint (armed to wait for a release
+file, nightrec/storage/failpoints.py) while the others start, so no test depends on timing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import polars as pl
+import pytest
+
+from nightrec.flows.cli import RUN_IN_PROGRESS_EXIT
+from nightrec.settings import Settings
+from nightrec.storage import publication
+from nightrec.storage.lake import Lake
+from tests.flows import processes
+from tests.flows.conftest import demo_home
+from tests.flows.test_crash import D1, D2, EPOCHS, SPEC
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+
+def test_same_date_refused_other_date_alongside(prefect_server, tmp_path, monkeypatch):
+    demo_home(tmp_path, monkeypatch, SPEC)
+    monkeypatch.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
+    markers = tmp_path / "markers"
+    hold = "after:embed-items"
+    held = processes.child_environment(NIGHTREC_FAILPOINT=hold, NIGHTREC_FAILPOINT_DIR=str(markers))
+    plain = processes.child_environment()
+    logs = {name: tmp_path / f"{name}.log" for name in ("first", "second", "other")}
+
+    first = processes.start(["nightly", "--date", D1.isoformat()], held, logs["first"])
+    processes.wait_for_hit(first, markers, hold, logs["first"])  # holds the D1 lock from here until released
+    second = processes.start(["nightly", "--date", D1.isoformat()], plain, logs["second"])
+    other = processes.start(["nightly", "--date", D2.isoformat()], held, logs["other"])
+    assert processes.finish(second, logs["second"]) == RUN_IN_PROGRESS_EXIT
+    refusal = processes.tail(logs["second"])
+    assert f"another nightly run for {D1} is in progress (pid {first.pid})" in refusal, refusal
+    processes.wait_for_hit(other, markers, hold, logs["other"])  # both past ingest: the rest runs side by side
+    processes.release(markers, hold)
+    for name, proc in (("first", first), ("other", other)):
+        assert processes.finish(proc, logs[name]) == 0, processes.tail(logs[name])
+
+    lake = Lake(Settings().lake_root)
+    assert lake.published_dates() == [D1, D2]
+    assert lake.read_latest_pointer()["date"] == D2.isoformat()  # never moved back by the older date
+    users = set(lake.scan_events(before=D1).collect()["user_id"]) | set(lake.read_users()["user_id"])
+    for day in (D1, D2):
+        publication.verify_partition(lake, day, deep=True)
+        lists = pl.from_arrow(publication.read_day(lake, day))
+        # Nothing interleaved: one run's rows, one model version, every user once per rank.
+        assert lists["run_date"].unique().to_list() == [day]
+        assert lists["model_version"].n_unique() == 1
+        assert lists.select("user_id", "rank").is_duplicated().sum() == 0
+        assert users <= set(lists["user_id"])
+    assert processes.leftovers(lake.root) == []
+
+
+def _events_file(path, users: range, days: int, start: dt.date) -> int:
+    rows = [
+        f"u{u},i{(u * 7 + d) % 50},{(start + dt.timedelta(days=d)).isoformat()}T0{u % 10}:00:00Z"
+        for u in users
+        for d in range(days)
+    ]
+    path.write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    return len(rows)
+
+
+def test_two_ingests_at_once_land_every_row(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("NIGHTREC_HOME", str(home))
+    first_file, second_file = tmp_path / "a.csv", tmp_path / "b.csv"
+    # The same ten days in both files: without the lock, each merge reads the day before the other's rename
+    # and the second rename drops the first file's rows.
+    rows = _events_file(first_file, range(0, 40), 10, dt.date(2026, 1, 1))
+    rows += _events_file(second_file, range(40, 80), 10, dt.date(2026, 1, 1))
+    markers = tmp_path / "markers"
+    hold = "ingest:mid-merge"
+    env = processes.child_environment(NIGHTREC_FAILPOINT=hold, NIGHTREC_FAILPOINT_DIR=str(markers))
+    logs = {name: tmp_path / f"{name}.log" for name in ("first", "second")}
+
+    first = processes.start(["ingest", "--events", str(first_file)], env, logs["first"])
+    processes.wait_for_hit(first, markers, hold, logs["first"])  # one day merged, the lock held
+    second = processes.start(["ingest", "--events", str(second_file)], env, logs["second"])
+    processes.wait_for_text(second, logs["second"], "waiting for another ingest")
+    processes.release(markers, hold)
+    for name, proc in (("first", first), ("second", second)):
+        assert processes.finish(proc, logs[name]) == 0, processes.tail(logs[name])
+
+    lake = Lake(Settings().lake_root)
+    lake.verify_events(deep=True)
+    events = lake.scan_events().collect()
+    assert events.height == rows
+    assert events["user_id"].n_unique() == 80 and len(lake.event_dates()) == 10
+    assert processes.leftovers(lake.root) == []

@@ -1,0 +1,217 @@
+"""SIGKILL the nightly at every stage boundary and inside the publication, then check what a reader and a re-run see.
+
+Night D1 is published first, so ``LATEST`` exists. For each kill point, ``nightrec nightly --date D2`` runs in its own
+process group with the failpoint armed (nightrec/storage/failpoints.py); when it reaches the point the test kills the
+group with SIGKILL. Then: ``LATEST`` names a complete publication that verifies (sha256 included) and reads; no
+partial D2 partition is visible; the events lake verifies. Then D2 is run again to completion and its lists are
+compared with those of an uninterrupted run of D2 in another home on the same data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from polars.testing import assert_frame_equal
+
+from nightrec.settings import Settings
+from nightrec.sources.demo import DemoSpec
+from nightrec.storage import failpoints, publication
+from nightrec.storage.lake import Lake
+from tests.conftest import tree_digest
+from tests.flows import processes
+from tests.flows.conftest import demo_home
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+# Smaller than the flows' SMALL demo: every kill point costs a killed run and a full re-run.
+SPEC = DemoSpec(users=60, items=100, events=2000, days=40, end=dt.date(2026, 3, 31), seed=11)
+D1 = SPEC.end + dt.timedelta(days=1)
+D2 = D1 + dt.timedelta(days=1)
+EPOCHS = "2"
+
+# In the order the night reaches them. The value says whether the D2 partition is complete on disk when killed.
+KILL_POINTS = {
+    "ingest:mid-merge": False,  # some events days rewritten, others not, the ingest staging folder still there
+    "after:ingest": False,
+    "after:embed-items": False,
+    "after:embed-users": False,
+    "after:train": False,
+    "after:evaluate-and-gate": False,  # a model version registered (and maybe promoted) by a run that dies
+    "after:compress-and-index": False,
+    "publish:mid-write": False,  # rows written into the staging file, no Parquet footer yet
+    "publish:before-swap": False,  # complete staging folder, not renamed into place
+    "publish:before-latest": True,  # D2 renamed into place, LATEST still on D1
+    "after:publish": True,  # LATEST on D2, the MLflow run and the Prefect flow run not closed
+}
+
+
+@dataclasses.dataclass
+class Bench:
+    home: Path  # the home the kills happen in (always the same absolute path: MLflow stores absolute paths)
+    snapshot: Path  # that home with D1 published, restored before each kill
+    env: dict[str, str]  # its NIGHTREC_* settings
+    reference: object  # D2's lists from an uninterrupted run in another home
+    markers: Path
+
+
+def _configure(mp: pytest.MonkeyPatch, root: Path) -> dict[str, str]:
+    demo_home(root, mp, SPEC)
+    mp.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
+    import os
+
+    return {k: v for k, v in os.environ.items() if k.startswith("NIGHTREC_")}
+
+
+@pytest.fixture(scope="module")
+def bench(prefect_server, tmp_path_factory):
+    from nightrec.flows.nightly import nightly
+
+    root = tmp_path_factory.mktemp("crash")
+    with pytest.MonkeyPatch.context() as mp:
+        _configure(mp, root / "reference")
+        nightly(run_date=D1)
+        nightly(run_date=D2)
+        reference = processes.lists(Lake(Settings().lake_root), D2)
+    with pytest.MonkeyPatch.context() as mp:
+        env = _configure(mp, root / "crash")
+        nightly(run_date=D1)
+        home = Settings().home
+        snapshot = root / "snapshot"
+        shutil.copytree(home, snapshot, symlinks=True)
+    return Bench(home, snapshot, env, reference, root / "markers")
+
+
+def _model_cache() -> tuple[str, ...]:
+    # The train task's Prefect cache names a model folder by the content of its inputs; keep it across restores
+    # so a cache hit made by an earlier kill point does not point at a folder the restore removed.
+    return (f"runs/{D2.isoformat()}/models",)
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS), ids=failpoints.file_stem)
+def test_kill_then_rerun(bench, point, tmp_path, monkeypatch):
+    processes.restore(bench.snapshot, bench.home, keep=_model_cache())
+    for key, value in bench.env.items():
+        monkeypatch.setenv(key, value)
+    lake = Lake(Settings().lake_root)
+    d1_bytes = tree_digest(lake.recommendations_partition(D1))
+    markers = tmp_path / "markers"
+    env = processes.child_environment(
+        NIGHTREC_FAILPOINT=point, NIGHTREC_FAILPOINT_DIR=str(markers), NIGHTREC_FAILPOINT_TIMEOUT="600"
+    )
+    log = tmp_path / "killed.log"
+    proc = processes.start(["nightly", "--date", D2.isoformat()], env, log)
+    assert processes.wait_for_hit(proc, markers, point, log) == proc.pid
+    processes.kill_group(proc)
+    assert proc.returncode == -9
+
+    # What a reader sees after the kill.
+    complete_d2 = KILL_POINTS[point]
+    pointer, table = publication.read_latest(lake)  # verifies the file against its manifest (sha256)
+    expected_latest = D2 if point == "after:publish" else D1
+    assert pointer["date"] == expected_latest.isoformat()
+    assert table.num_rows > 0
+    assert tree_digest(lake.recommendations_partition(D1)) == d1_bytes, "the D1 publication changed"
+    if complete_d2:
+        publication.verify_partition(lake, D2, deep=True)
+    else:
+        assert not lake.recommendations_partition(D2).exists(), "a partial D2 partition is visible"
+    assert lake.published_dates() == ([D1, D2] if complete_d2 else [D1])
+    lake.verify_events(deep=True)
+    killed = _parent_runs(D2)
+    assert [r.info.status for r in killed] == ["RUNNING"]  # what MLflow shows until the next run of D2
+    flow_run_id = killed[0].data.tags["prefect.flow_run_id"]
+    assert _flow_run_state(flow_run_id) == "RUNNING"  # what the Prefect UI shows until then
+    if point in ("ingest:mid-merge", "publish:mid-write", "publish:before-swap"):
+        assert processes.leftovers(lake.root), "expected the killed writer's staging folder"
+
+    # The re-run: not blocked by the dead process's date lock, tidies its runs, produces the uninterrupted lists.
+    from nightrec.flows.nightly import nightly
+
+    summary = nightly(run_date=D2)
+    assert Lake(Settings().lake_root).read_latest_pointer()["date"] == D2.isoformat()
+    publication.verify_partition(lake, D2, deep=True)
+    assert_frame_equal(processes.lists(lake, D2), bench.reference)
+    assert tree_digest(lake.recommendations_partition(D1)) == d1_bytes
+    assert processes.leftovers(lake.root) == []
+    runs = {r.info.run_id: r for r in _parent_runs(D2)}
+    assert runs[summary["mlflow_run_id"]].info.status == "FINISHED"
+    dead = runs[killed[0].info.run_id]
+    assert dead.info.status == "KILLED" and "process died" in dead.data.tags["nightrec.error"]
+    assert _flow_run_state(flow_run_id) == "CRASHED"
+
+
+def _parent_runs(day: dt.date) -> list:
+    client = MlflowClient(Settings().tracking_uri)
+    exp = client.get_experiment_by_name(Settings().mlflow_experiment).experiment_id
+    return client.search_runs(
+        [exp],
+        filter_string=f"tags.`nightrec.kind` = 'nightly' and tags.`nightrec.run_date` = '{day.isoformat()}'",
+        order_by=["attributes.start_time ASC"],
+    )
+
+
+def _flow_run_state(flow_run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state.type.value
+
+
+def test_failpoints_are_inert_unless_armed(monkeypatch, tmp_path):
+    monkeypatch.delenv(failpoints.ENV_NAME, raising=False)
+    monkeypatch.chdir(tmp_path)
+    failpoints.failpoint("after:train")  # returns at once, writes nothing
+    monkeypatch.setenv(failpoints.ENV_NAME, "after:ingest,publish:mid-write")
+    failpoints.failpoint("after:train")
+    assert list(tmp_path.iterdir()) == []
+    assert failpoints.armed("publish:mid-write") and not failpoints.armed("publish")
+
+
+def test_an_armed_failpoint_waits_for_its_release(monkeypatch, tmp_path):
+    monkeypatch.setenv(failpoints.ENV_NAME, "after:train")
+    monkeypatch.setenv(failpoints.ENV_DIR, str(tmp_path))
+    failpoints.release_marker(tmp_path, "after:train").write_text("go")
+    failpoints.failpoint("after:train")
+    assert failpoints.hit_marker(tmp_path, "after:train").read_text().isdigit()
+    monkeypatch.setenv(failpoints.ENV_TIMEOUT, "0.2")
+    monkeypatch.setenv(failpoints.ENV_NAME, "after:publish")
+    with pytest.raises(failpoints.FailpointTimeout):
+        failpoints.failpoint("after:publish")
+
+
+def test_a_dead_nights_promotions_are_undone_before_its_rerun(tmp_path):
+    """The champion a night warm-starts from must be the one it began with, whatever a killed try promoted."""
+    from nightrec.flows import recovery
+    from nightrec.storage import registry, tracking
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.experiment_id(client, "nightrec", str(tmp_path / "artifacts"))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "weights.bin").write_bytes(b"\0" * 8)
+
+    def night(day: dt.date, status: str | None, promote: bool = True) -> str:
+        tags = {"nightrec.kind": "nightly", "nightrec.run_date": str(day)}
+        run = tracking.start_run(client, exp, f"nightly-{day}", tags)
+        if promote:
+            registry.promote(client, "m", registry.register_model(client, "m", model_dir, run, {}))
+        if status:
+            client.set_terminated(run, status)
+        return run
+
+    night(D1, "FINISHED")
+    killed = night(D2, None)  # promoted, then SIGKILLed: still RUNNING
+    night(D2, "FAILED")  # a later try of the same night that promoted and then failed
+    other = night(D2 + dt.timedelta(days=1), None, promote=False)  # another date's live run: not ours to touch
+
+    done = recovery.recover_unfinished_nights(client, exp, "m", D2)
+    assert done == {"killed_mlflow_runs": [killed], "crashed_flow_runs": [], "undone_promotions": ["3", "2"]}
+    assert str(client.get_model_version_by_alias("m", registry.CHAMPION).version) == "1"
+    assert client.get_run(killed).info.status == "KILLED"
+    assert client.get_run(other).info.status == "RUNNING"
+    assert recovery.recover_unfinished_nights(client, exp, "m", D2)["undone_promotions"] == []
