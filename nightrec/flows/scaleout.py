@@ -54,6 +54,7 @@ class ShardPlan:
     shards: int = 1
     runner: object | None = None  # a started prefect_ray.RayTaskRunner
     env: dict[str, str] = field(default_factory=dict)
+    cpus_per_shard: int = 1  # what Ray reserves for each shard task
 
     @property
     def sharded(self) -> bool:
@@ -67,7 +68,7 @@ class ShardPlan:
         from prefect.futures import wait
         from prefect_ray.context import remote_options
 
-        with remote_options(runtime_env={"env_vars": self.env}):
+        with remote_options(num_cpus=self.cpus_per_shard, runtime_env={"env_vars": self.env}):
             futures = [self.runner.submit(shard_task, p) for p in parameters]
         wait(futures)
         return [f.result() for f in futures]
@@ -107,11 +108,25 @@ def shard_plan(settings: Settings) -> Iterator[ShardPlan]:
             ray.init(include_dashboard=False, namespace="nightrec")
     try:
         with RayTaskRunner(address=settings.ray_address) as runner:
-            shards = settings.shards or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            yield ShardPlan(shards=shards, runner=runner, env=worker_environment(settings))
+            total, largest = _cluster_cpus(ray)
+            shards = settings.shards or total
+            # Each shard reserves an equal share of the cluster (never more than one node has, or it would wait
+            # forever) and, unless threads are configured, embeds with that many threads: no oversubscription.
+            cpus = max(1, min(largest, total // shards))
+            env = worker_environment(settings)
+            if not settings.embedding_threads:
+                env["NIGHTREC_EMBEDDING_THREADS"] = str(cpus)  # the thread count does not change the vectors
+            yield ShardPlan(shards=shards, runner=runner, env=env, cpus_per_shard=cpus)
     finally:
         if owns:
             ray.shutdown()
+
+
+def _cluster_cpus(ray) -> tuple[int, int]:
+    """(CPUs of the whole cluster, CPUs of its largest live node)."""
+    total = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    nodes = [int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    return total, max(1, max(nodes, default=total))
 
 
 # --- shard tasks (run on Ray workers or in this process) ------------------------------------------------------------

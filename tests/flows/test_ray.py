@@ -18,18 +18,51 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.sorting import TaskRunSort
 
+from nightrec.flows.scaleout import worker_environment
 from nightrec.settings import Settings
+from nightrec.shards import shard_bounds
 from nightrec.sources.demo import DemoSpec
 from nightrec.storage import publication
 from nightrec.storage.lake import Lake
+from nightrec.tasks.embed import chunk_rows
 from tests.flows.conftest import FIRST_NIGHT, SMALL, demo_home
-
-pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
 # Smaller than the other flow tests' demo: this module runs two whole nights.
 SPEC = DemoSpec(users=80, items=120, events=3000, days=40, end=SMALL.end, seed=SMALL.seed)
 
 ray = pytest.importorskip("ray", reason="scale-out needs ray (and prefect-ray)")
+
+
+def test_shards_cover_every_row_once():
+    for rows in (0, 1, 7, 100):
+        for shards in range(1, 6):
+            bounds = [shard_bounds(rows, shard, shards) for shard in range(shards)]
+            assert [row for start, stop in bounds for row in range(start, stop)] == list(range(rows))
+    with pytest.raises(ValueError):
+        shard_bounds(10, 2, 2)
+
+
+def test_shards_take_whole_chunks():
+    assert [chunk_rows(100, 32, shard, 2) for shard in range(2)] == [(0, 64), (64, 100)]
+    assert [chunk_rows(100, 32, shard, 8) for shard in range(8)][-1] == (96, 100)  # 4 chunks for 8 shards
+    assert sum(stop - start for start, stop in (chunk_rows(100, 32, s, 8) for s in range(8))) == 100
+
+
+def test_workers_read_back_the_flows_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NIGHTREC_HOME", "relative-home")  # a worker's working directory is elsewhere
+    monkeypatch.setenv("NIGHTREC_EVENT_COLUMNS", '{"user_id": "customer"}')
+    monkeypatch.setenv("NIGHTREC_TOP_K", "7")
+    flow_settings = Settings()
+    env = worker_environment(flow_settings)
+    for key in [k for k in os.environ if k.startswith("NIGHTREC_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir("/")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    worker_settings = Settings()
+    assert worker_settings.model_dump() == {**flow_settings.model_dump(), "lake": flow_settings.lake_root}
+    assert worker_settings.home == tmp_path / "relative-home" and worker_settings.event_columns["user_id"] == "customer"
 
 
 def run_night(root, **env) -> dict:
@@ -72,6 +105,8 @@ def nights(prefect_server, tmp_path_factory):
     return local, scaled
 
 
+@pytest.mark.prefect
+@pytest.mark.slow
 def test_the_shard_tasks_ran_on_ray_workers(nights):
     local, scaled = nights
     assert "shards" not in local["summary"]["embed_items"]  # the default stays the unsharded stage
@@ -82,6 +117,8 @@ def test_the_shard_tasks_ran_on_ray_workers(nights):
         assert workers and here not in workers, f"{stage} ran in the test's process: {workers}"
 
 
+@pytest.mark.prefect
+@pytest.mark.slow
 def test_prefect_records_one_task_run_per_shard(nights):
     _, scaled = nights
     flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[scaled["flow_run_id"]]))
@@ -93,6 +130,8 @@ def test_prefect_records_one_task_run_per_shard(nights):
             assert states.get(f"{stage}-{shard}-of-2") == "COMPLETED", states
 
 
+@pytest.mark.prefect
+@pytest.mark.slow
 def test_item_and_user_embeddings_equal_the_local_run(nights):
     local, scaled = nights
     np.testing.assert_array_equal(scaled["items"], local["items"])
@@ -100,6 +139,8 @@ def test_item_and_user_embeddings_equal_the_local_run(nights):
     np.testing.assert_array_equal(scaled["users"], local["users"])
 
 
+@pytest.mark.prefect
+@pytest.mark.slow
 def test_published_lists_equal_the_local_run(nights):
     local, scaled = nights
     a, b = local["lists"], scaled["lists"]
