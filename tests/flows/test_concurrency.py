@@ -25,21 +25,24 @@ pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 def test_same_date_refused_other_date_alongside(prefect_server, tmp_path, monkeypatch):
     demo_home(tmp_path, monkeypatch, SPEC)
     monkeypatch.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
-    markers = tmp_path / "markers"
     hold = "after:embed-items"
-    held = processes.child_environment(NIGHTREC_FAILPOINT=hold, NIGHTREC_FAILPOINT_DIR=str(markers))
-    plain = processes.child_environment()
+    markers = {name: tmp_path / f"markers-{name}" for name in ("first", "other")}
+    held = {
+        name: processes.child_environment(NIGHTREC_FAILPOINT=hold, NIGHTREC_FAILPOINT_DIR=str(folder))
+        for name, folder in markers.items()
+    }
     logs = {name: tmp_path / f"{name}.log" for name in ("first", "second", "other")}
 
-    first = processes.start(["nightly", "--date", D1.isoformat()], held, logs["first"])
-    processes.wait_for_hit(first, markers, hold, logs["first"])  # holds the D1 lock from here until released
-    second = processes.start(["nightly", "--date", D1.isoformat()], plain, logs["second"])
-    other = processes.start(["nightly", "--date", D2.isoformat()], held, logs["other"])
+    first = processes.start(["nightly", "--date", D1.isoformat()], held["first"], logs["first"])
+    processes.wait_for_hit(first, markers["first"], hold, logs["first"])  # holds the D1 lock until released
+    second = processes.start(["nightly", "--date", D1.isoformat()], processes.child_environment(), logs["second"])
+    other = processes.start(["nightly", "--date", D2.isoformat()], held["other"], logs["other"])
     assert processes.finish(second, logs["second"]) == RUN_IN_PROGRESS_EXIT
     refusal = processes.tail(logs["second"])
     assert f"another nightly run for {D1} is in progress (pid {first.pid})" in refusal, refusal
-    processes.wait_for_hit(other, markers, hold, logs["other"])  # both past ingest: the rest runs side by side
-    processes.release(markers, hold)
+    processes.wait_for_hit(other, markers["other"], hold, logs["other"])  # both past ingest and embed-items
+    for folder in markers.values():  # from here the two dates run side by side
+        processes.release(folder, hold)
     for name, proc in (("first", first), ("other", other)):
         assert processes.finish(proc, logs[name]) == 0, processes.tail(logs[name])
 
