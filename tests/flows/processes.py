@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import signal
@@ -13,10 +14,17 @@ from pathlib import Path
 
 import polars as pl
 
+from nightrec.sources.demo import DemoSpec
 from nightrec.storage import failpoints, publication
 from nightrec.storage.lake import Lake
 
 LIST_COLUMNS = ["user_id", "rank", "item_id", "score", "reasons"]
+
+# Smaller than the flows' SMALL demo: every kill costs a process start and a night up to its point.
+SPEC = DemoSpec(users=60, items=100, events=2000, days=40, end=dt.date(2026, 3, 31), seed=11)
+D1 = SPEC.end + dt.timedelta(days=1)
+D2 = D1 + dt.timedelta(days=1)
+EPOCHS = "2"
 
 
 def nightrec_command() -> list[str]:

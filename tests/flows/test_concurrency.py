@@ -17,7 +17,7 @@ from nightrec.storage import publication
 from nightrec.storage.lake import Lake
 from tests.flows import processes
 from tests.flows.conftest import demo_home
-from tests.flows.test_crash import D1, D2, EPOCHS, SPEC
+from tests.flows.processes import D1, D2, EPOCHS, SPEC
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 

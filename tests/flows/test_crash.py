@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import shutil
 from pathlib import Path
 
@@ -19,20 +20,15 @@ from mlflow.tracking import MlflowClient
 from polars.testing import assert_frame_equal
 
 from nightrec.settings import Settings
-from nightrec.sources.demo import DemoSpec
 from nightrec.storage import failpoints, publication
 from nightrec.storage.lake import Lake
 from tests.conftest import tree_digest
 from tests.flows import processes
 from tests.flows.conftest import demo_home
+from tests.flows.processes import D1, D2, EPOCHS, SPEC
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
-# Smaller than the flows' SMALL demo: every kill point costs a killed run and a full re-run.
-SPEC = DemoSpec(users=60, items=100, events=2000, days=40, end=dt.date(2026, 3, 31), seed=11)
-D1 = SPEC.end + dt.timedelta(days=1)
-D2 = D1 + dt.timedelta(days=1)
-EPOCHS = "2"
 
 # In the order the night reaches them. The value says whether the D2 partition is complete on disk when killed.
 KILL_POINTS = {
@@ -61,8 +57,6 @@ class Bench:
 def _configure(mp: pytest.MonkeyPatch, root: Path) -> dict[str, str]:
     demo_home(root, mp, SPEC)
     mp.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
-    import os
-
     return {k: v for k, v in os.environ.items() if k.startswith("NIGHTREC_")}
 
 
