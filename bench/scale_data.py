@@ -6,7 +6,8 @@ no deduplication and no manifests (the floor any ingest pays to read and write t
 
     python bench/scale_data.py --scales 0.1,1 --work /tmp/nightrec-scale
 
-The last line of stdout is one JSON object with every figure.
+The last line of stdout is one JSON object with every figure. ``bench/scale.py`` (a whole nightly per scale) uses
+this file's generator step and process figures.
 """
 
 from __future__ import annotations
