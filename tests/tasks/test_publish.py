@@ -186,6 +186,13 @@ def test_checker_finds_each_kind_of_problem(tmp_path):
         problems = check(frame)
         assert any(what in p for p in problems), (what, problems)
         assert any(user in p for p in problems), (what, problems)
+        # checked a few users at a time (as on a million users), the same problems are found and counted
+        chunked = publish.check_lists(frame.to_arrow(), before, vectors.user_ids, K, chunk_users=7)
+        assert sorted(p.split(", e.g.")[0] for p in chunked) == sorted(p.split(", e.g.")[0] for p in problems)
+        assert any(user in p for p in chunked)
+    extra = good.filter(pl.col("user_id") == "u001").with_columns(pl.lit("zz-stranger").alias("user_id"))
+    stranger = publish.check_lists(pl.concat([good, extra]).to_arrow(), before, vectors.user_ids, K, chunk_users=7)
+    assert any("not in the known-user list" in p and "zz-stranger" in p for p in stranger)  # past the last range
 
 
 def ndcg_next_item(vectors: ServedVectors, history: pl.DataFrame, holdout: dict[str, str]) -> float:
