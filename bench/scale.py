@@ -303,7 +303,7 @@ def plot(results: dict, path: Path, budget_gb: float) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax_time.legend(fontsize=8)
     ax_mem.legend(fontsize=8)
-    fig.suptitle("nightrec nightly on the demo shop (2 shared cores; x = stopped at a limit)")
+    fig.suptitle("nightrec nightly on the demo shop (2 shared cores; x = stopped before it finished)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
