@@ -116,6 +116,18 @@ class Settings(BaseSettings):
         "0 = one with task_runner=local, the Ray cluster's CPU count with ray.",
     )
 
+    @field_validator("home", "lake", mode="before")
+    @classmethod
+    def _local_paths_only(cls, value):
+        # The lake's crash safety rests on rename, fsync and flock, which object stores lack (docs/scale-out.md):
+        # refuse a URI instead of silently treating "s3://bucket" as a relative local folder.
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(
+                f"{value!r}: object-store URIs are not supported for the home or lake yet; use a local or "
+                "shared (NFS) path (see docs/scale-out.md)"
+            )
+        return value
+
     @field_validator("home", mode="after")
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
