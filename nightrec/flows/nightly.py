@@ -81,9 +81,11 @@ def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.Sh
         summary["embed_users"] = scaleout.embed_users(plan, day, parent, str(workdir))
         failpoint("after:embed-users")
         champion = registry.champion(client, settings.registered_model)
-        summary["train"] = stages.train_model(
-            day, parent, str(night_dir / "models"), str(recommender_dir(champion.path)) if champion else None
-        )
+        train_args = (day, parent, str(night_dir / "models"), str(recommender_dir(champion.path)) if champion else None)
+        summary["train"] = stages.train_model(*train_args)
+        if not Path(summary["train"]["model_dir"]).is_dir():
+            # A cached result whose model folder was pruned since (old nights' folders are removed): train again.
+            summary["train"] = stages.train_model.with_options(refresh_cache=True)(*train_args)
         failpoint("after:train")
         summary["gate"] = stages.evaluate_and_gate(day, parent, str(workdir), summary["train"]["model_dir"])
         failpoint("after:evaluate-and-gate")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -46,6 +47,8 @@ def test_three_day_backfill_then_skip_then_force_one_date(prefect_server, tmp_pa
     assert {d: tree_digest(lake.recommendations_partition(d)) for d in DATES} == partitions
     assert len(client.search_runs([exp], filter_string="tags.`nightrec.kind` = 'nightly'")) == 3
 
+    # Old nights' folders get pruned; a cached training result pointing at a removed model must train again.
+    shutil.rmtree(settings.home / "runs" / DATES[1].isoformat() / "models")
     forced = CliRunner().invoke(
         app, ["backfill", "--start", DATES[1].isoformat(), "--end", DATES[1].isoformat(), "--force"]
     )
