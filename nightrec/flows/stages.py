@@ -312,7 +312,9 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
         mlflow_model = Path(workdir) / "mlflow-model"
         shutil.rmtree(mlflow_model, ignore_errors=True)  # a retried stage starts clean
         pyfunc_model.save_pyfunc(Path(model_dir), mlflow_model)
-        version = registry.register_model(st.client, name, mlflow_model, parent_run_id, {"holdout_ndcg_at_10": new_ndcg})
+        version = registry.register_model(
+            st.client, name, mlflow_model, parent_run_id, {"holdout_ndcg_at_10": new_ndcg}
+        )
         if decision.promote:
             registry.promote(st.client, name, version)
         serve_new = decision.publish == "new" or champion is None
