@@ -149,10 +149,10 @@ def _log_history_plot(client, exp: str, parent: str) -> None:
 def _sample_lists(settings: Settings, users: int = 5, k: int = 10) -> dict[str, list]:
     from nightrec.storage import publication
 
-    _, table = publication.read_latest(Lake(settings.lake_root))
+    _, table = publication.read_latest_head(Lake(settings.lake_root), users)  # never the whole night in memory
     items = Lake(settings.lake_root).read_items().select("item_id", "title")
     titles = dict(items.iter_rows())
-    sample_users = sorted(set(table.column("user_id").to_pylist()))[:users]
+    sample_users = set(table.column("user_id").to_pylist())
     rows: dict[str, list] = {"user_id": [], "rank": [], "item_id": [], "title": [], "score": [], "because": []}
     for rec in table.to_pylist():
         if rec["user_id"] in sample_users and rec["rank"] <= k:

@@ -127,6 +127,20 @@ def read_latest(lake: Lake) -> tuple[dict, pa.Table]:
     return pointer, _read(verify_partition(lake, day))
 
 
+def read_latest_head(lake: Lake, users: int) -> tuple[dict, pa.Table]:
+    """The ``LATEST`` pointer and the whole lists of its first ``users`` users, read batch by batch: memory stays
+    bounded by a batch or two, however many users the night published (a user's rows are written together)."""
+    pointer, day = _latest_date(lake)
+    batches: list[pa.RecordBatch] = []
+    for batch in pq.ParquetFile(verify_partition(lake, day)).iter_batches(batch_size=8192):
+        batches.append(batch)
+        if len(pc.unique(pa.Table.from_batches(batches)["user_id"])) > users:
+            break  # the next user has started: the first ``users`` lists are complete
+    table = pa.Table.from_batches(batches, schema=RECOMMENDATIONS) if batches else RECOMMENDATIONS.empty_table()
+    first = pc.unique(table["user_id"])[:users]
+    return pointer, table.filter(pc.is_in(table["user_id"], value_set=first))
+
+
 def read_day(lake: Lake, day: dt.date) -> pa.Table:
     return _read(verify_partition(lake, day))
 

@@ -57,6 +57,13 @@ def test_mlflow_has_a_finished_parent_run_with_a_child_per_stage(night):
     assert "model_ndcg_at_10" in parent.data.metrics and "popularity_ndcg_at_10" in parent.data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/history.png" in artifacts
+    import json
+    from pathlib import Path
+
+    sample = json.loads(Path(client.download_artifacts(parent.info.run_id, "sample_lists.json")).read_text())
+    rows = [dict(zip(sample["columns"], row, strict=True)) for row in sample["data"]]
+    assert len({r["user_id"] for r in rows}) == 5 and len(rows) == 5 * 10  # five whole top-10 lists, with titles
+    assert all(r["title"] for r in rows)
 
 
 def test_first_model_becomes_champion_and_produced_the_lists(night):

@@ -132,3 +132,15 @@ def test_truncated_or_altered_file_raises_naming_it(tmp_path):
 def test_nothing_published(tmp_path):
     with pytest.raises(publication.NothingPublishedError):
         publication.read_latest(Lake(tmp_path / "lake"))
+
+
+def test_latest_head_returns_whole_lists_of_the_first_users(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    day = dt.date(2026, 3, 1)
+    users = [f"u{i:05d}" for i in range(3000)]  # several read batches' worth of rows
+    publication.publish(lake, day, [lists(day, users[:1500], k=7), lists(day, users[1500:], k=7)], {"date": ""})
+    _, head = publication.read_latest_head(lake, 4)
+    assert sorted(set(head["user_id"].to_pylist())) == users[:4]
+    assert head.num_rows == 4 * 7 and head.schema.equals(RECOMMENDATIONS)
+    _, everything = publication.read_latest_head(lake, 10_000)
+    assert everything.num_rows == 3000 * 7
