@@ -35,18 +35,18 @@ class HistoryRecommender(PythonModel):
 
 def recommend_for_histories(recommender, histories: list[list[str]], k: int) -> pd.DataFrame:
     """Scoring behind :class:`HistoryRecommender`: unknown ids are ignored, seen items never returned."""
+    from nightrec.ranking import top_k_unseen
+
     index = recommender.item_index
     rows = [np.array([index[i] for i in h if i in index], dtype=np.int64) for h in histories]
     scores = recommender.score_histories(rows)
-    for row, seen in enumerate(rows):
-        scores[row, seen] = -np.inf
-    k = min(k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = top_k_unseen(scores, rows, k)  # -1 pads a row with fewer than k unseen items
     item_ids = np.asarray(recommender.item_ids, dtype=object)
+    picked = [t[t >= 0] for t in top]
     return pd.DataFrame(
         {
-            "item_ids": [item_ids[t][np.isfinite(scores[r, t])].tolist() for r, t in enumerate(top)],
-            "scores": [scores[r, t][np.isfinite(scores[r, t])].astype(float).tolist() for r, t in enumerate(top)],
+            "item_ids": [item_ids[t].tolist() for t in picked],
+            "scores": [scores[r, t].astype(float).tolist() for r, t in enumerate(picked)],
         }
     )
 
