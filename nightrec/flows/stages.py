@@ -236,6 +236,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
             config.epochs = st.settings.train_epochs
         init_from = Path(champion_dir) if champion_dir and st.settings.warm_start else None
         tracking.log_params(st.client, st.run_id, {**config.to_dict(), "init_from": init_from or "scratch"})
+        key = train_inputs_key(run_date, champion_dir)  # once: it reads every events manifest
         for context, frame in (("training", train_events), ("holdout", holdout)):
             profile = {
                 "rows": frame.height,
@@ -244,13 +245,12 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
                 "first_date": frame["date"].min(),
                 "last_date": frame["date"].max(),
             }
-            key = train_inputs_key(run_date, champion_dir)
             tracking.log_dataset(
                 st.client, st.run_id, f"events-{context}", key, str(st.lake.events_dir), profile, context
             )
         # No profile vectors: today's profiles include the holdout days, which would leak into the evaluation.
         recommender = train.fit_recommender(train_events, item_ids, text, None, config, init_from=init_from)
-        model_dir = recommender.save(Path(models_root) / train_inputs_key(run_date, champion_dir))
+        model_dir = recommender.save(Path(models_root) / key)
         losses = recommender.meta.get("losses") or []
         for epoch, loss in enumerate(losses):
             tracking.log_metrics(st.client, st.run_id, {"train_loss": loss}, step=epoch)
