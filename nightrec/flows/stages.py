@@ -5,6 +5,7 @@ a child MLflow run. Stages hand results to each other as files in the work folde
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import glob
 import hashlib
 import json
@@ -426,16 +427,25 @@ def night_lists(
 def publish_checked(
     st: _Stage, run_date: dt.date, workdir: Path, batches, history: pl.DataFrame, user_ids: list[str]
 ) -> dict:
-    """Publish ``batches`` as the date's lists (one atomic swap, then LATEST), read them back and check them."""
+    """Write ``batches`` as the date's lists, read the written file back and check it, user range by user range,
+    and only then publish it (one atomic swap, then LATEST): lists that fail the checker are never published."""
     from nightrec.storage import publication
     from nightrec.tasks import publish
 
     gate = read_state(workdir, "gate")
     pointer = {"date": run_date.isoformat(), "mlflow_run_id": st.parent_run_id, "model_version": gate["model_version"]}
-    stats = publication.publish(st.lake, run_date, batches, pointer)
-    _, table = publication.read_latest(st.lake)
-    problems = publish.check_lists(table, history, user_ids, st.settings.top_k)
-    st.metrics({**stats, "problems": len(problems)})
-    if problems:
-        raise RuntimeError(f"published lists for {run_date} failed the checker: {problems[:5]}")
+
+    def check(path: Path) -> None:
+        in_range = functools.partial(publication.read_user_range, path)
+        problems = publish.check_lists(in_range, history, user_ids, st.settings.top_k)
+        st.metrics({"problems": len(problems)})
+        if problems:
+            raise ListsCheckError(f"lists for {run_date} failed the checker, not published: {problems[:5]}")
+
+    stats = publication.publish(st.lake, run_date, batches, pointer, check=check)
+    st.metrics(stats)
     return stats
+
+
+class ListsCheckError(RuntimeError):
+    """The night's lists broke an invariant (a missing user, a seen item, ...); the previous lists stay published."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import polars as pl
@@ -36,12 +36,20 @@ class NothingPublishedError(FileNotFoundError):
 
 
 def publish(
-    lake: Lake, day: dt.date, batches: Iterable[pa.RecordBatch], pointer: dict, *, move_latest_back: bool = False
+    lake: Lake,
+    day: dt.date,
+    batches: Iterable[pa.RecordBatch],
+    pointer: dict,
+    *,
+    move_latest_back: bool = False,
+    check: Callable[[Path], None] | None = None,
 ) -> dict:
     """Write ``batches`` as the date's partition and point ``LATEST`` at it. Returns rows, users, bytes, sha256.
 
-    ``LATEST`` is not moved to a date older than the one it names (a backfill of past dates must not hide tonight's
-    lists) unless ``move_latest_back``. Memory stays bounded by one batch: rows are streamed to the file.
+    ``check`` is called with the written (not yet published) file; if it raises, nothing is published and the date's
+    previous partition and ``LATEST`` stay as they were. ``LATEST`` is not moved to a date older than the one it names
+    (a backfill of past dates must not hide tonight's lists) unless ``move_latest_back``. Memory stays bounded by one
+    batch: rows are streamed to the file.
     """
     target = lake.recommendations_partition(day)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +63,8 @@ def publish(
         manifest = {**provenance, **file_manifest(staging / PART_FILE), "users": users, "run_date": day.isoformat()}
         atomic.write_json_atomic(staging / MANIFEST_FILE, manifest)
         atomic.fsync_dir(staging)
+        if check is not None:
+            check(staging / PART_FILE)
         failpoint("publish:before-swap")
         atomic.replace_dir(staging, target)
     finally:
@@ -139,6 +149,14 @@ def read_latest_head(lake: Lake, users: int) -> tuple[dict, pa.Table]:
     table = pa.Table.from_batches(batches, schema=RECOMMENDATIONS) if batches else RECOMMENDATIONS.empty_table()
     first = pc.unique(table["user_id"])[:users]
     return pointer, table.filter(pc.is_in(table["user_id"], value_set=first))
+
+
+def read_user_range(path: Path, lo: str | None, hi: str | None) -> pa.Table:
+    """The rows of ``path`` for users ``lo <= user_id < hi`` (None = open end). Lists are written in user order, so
+    row-group statistics skip the rest of the file: memory holds the range, not the night."""
+    bounds = [("user_id", ">=", lo)] if lo is not None else []
+    bounds += [("user_id", "<", hi)] if hi is not None else []
+    return _read(path, filters=bounds or None)
 
 
 def read_day(lake: Lake, day: dt.date) -> pa.Table:

@@ -15,7 +15,7 @@ Memory is bounded by one batch of ``batch_users`` users (plus the history index,
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -291,8 +291,11 @@ def _batch(
     )
 
 
+ListsInRange = Callable[[str | None, str | None], pa.Table | pl.DataFrame]
+
+
 def check_lists(
-    table: pa.Table,
+    lists: pa.Table | ListsInRange,
     history: pl.DataFrame,
     user_ids: list[str],
     k: int,
@@ -307,21 +310,38 @@ def check_lists(
     min(k, unseen catalogue items) and only catalogue items.
 
     Every check is about one user's rows, so users are checked ``chunk_users`` at a time (ranges of user ids): the
-    joins and the exploded reasons hold one chunk, not the night (5M rows peaked at 7.4 GB checked whole).
+    joins and the exploded reasons hold one chunk, not the night (5M rows peaked at 7.4 GB checked whole). ``lists``
+    is the table, or a function giving the rows of users ``lo <= user_id < hi`` (None = open end), such as
+    :func:`nightrec.storage.publication.read_user_range`, so that the whole night is never in memory at once.
     """
     found: dict[str, tuple[int, list]] = {}
-    lists = pl.from_arrow(table.select(["user_id", "rank", "item_id", "score", "reasons"]))
+    in_range_of = lists if callable(lists) else _table_ranges(lists)
     users = sorted(set(user_ids))
     bounds = [None, *users[chunk_users::chunk_users], None]  # lo inclusive, hi exclusive; the ends are open
     for chunk, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        in_range = pl.lit(True)
-        if lo is not None:
-            in_range = in_range & (pl.col("user_id") >= lo)
-        if hi is not None:
-            in_range = in_range & (pl.col("user_id") < hi)
+        rows = in_range_of(lo, hi)
+        rows = rows if isinstance(rows, pl.DataFrame) else pl.from_arrow(rows)
         mine = users[chunk * chunk_users : (chunk + 1) * chunk_users]
-        _check_chunk(found, lists.filter(in_range), history.filter(in_range), mine, k, catalogue)
+        _check_chunk(found, rows.select(_CHECKED), history.filter(user_range(lo, hi)), mine, k, catalogue)
     return [f"{count} {what}, e.g. {examples}" for what, (count, examples) in found.items()]
+
+
+_CHECKED = ["user_id", "rank", "item_id", "score", "reasons"]
+
+
+def user_range(lo: str | None, hi: str | None) -> pl.Expr:
+    """``lo <= user_id < hi``; None leaves that end open."""
+    expr = pl.lit(True)
+    if lo is not None:
+        expr = expr & (pl.col("user_id") >= lo)
+    if hi is not None:
+        expr = expr & (pl.col("user_id") < hi)
+    return expr
+
+
+def _table_ranges(table: pa.Table) -> ListsInRange:
+    lists = pl.from_arrow(table.select(_CHECKED))
+    return lambda lo, hi: lists.filter(user_range(lo, hi))
 
 
 def _check_chunk(

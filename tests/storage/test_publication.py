@@ -144,3 +144,35 @@ def test_latest_head_returns_whole_lists_of_the_first_users(tmp_path):
     assert head.num_rows == 4 * 7 and head.schema.equals(RECOMMENDATIONS)
     _, everything = publication.read_latest_head(lake, 10_000)
     assert everything.num_rows == 3000 * 7
+
+
+def test_failing_check_publishes_nothing_and_keeps_previous_lists(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"])], {"model_version": "1"})
+    publication.publish(lake, DAY2, [lists(DAY2, ["a", "b"])], {"model_version": "1"})
+    checked = []
+
+    def refuse(path):
+        checked.append(publication.read_user_range(path, None, None).num_rows)
+        raise ValueError("a seen item in a list")
+
+    with pytest.raises(ValueError, match="seen item"):  # a re-run of DAY2 whose lists break an invariant
+        publication.publish(lake, DAY2, [lists(DAY2, ["a"], version="2")], {"model_version": "2"}, check=refuse)
+    assert checked == [3]  # the check saw the new file, before the swap
+    pointer, table = publication.read_latest(lake)
+    assert pointer["date"] == "2026-03-02" and table.num_rows == 6  # the earlier DAY2 lists, untouched
+    assert set(table["model_version"].to_pylist()) == {"1"}
+    assert not [p for p in lake.recommendations_dir.iterdir() if p.name.startswith(".staging")]
+
+
+def test_user_range_reads_only_that_range(tmp_path, monkeypatch):
+    monkeypatch.setattr(publication, "ROW_GROUP_ROWS", 30)  # ten users per row group
+    lake = Lake(tmp_path / "lake")
+    users = [f"u{i:03d}" for i in range(100)]
+    publication.publish(lake, DAY1, [lists(DAY1, users[i : i + 10]) for i in range(0, 100, 10)], {"date": ""})
+    path = publication.verify_partition(lake, DAY1)
+    middle = publication.read_user_range(path, "u020", "u035")
+    assert sorted(set(middle["user_id"].to_pylist())) == users[20:35] and middle.num_rows == 15 * 3
+    assert publication.read_user_range(path, None, "u002").num_rows == 6
+    assert sorted(set(publication.read_user_range(path, "u098", None)["user_id"].to_pylist())) == ["u098", "u099"]
+    assert publication.read_user_range(path, None, None).num_rows == 300

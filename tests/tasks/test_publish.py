@@ -4,10 +4,12 @@ and the champion gate deciding whose lists are published."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from nightrec.storage import publication, registry, tracking
@@ -190,6 +192,13 @@ def test_checker_finds_each_kind_of_problem(tmp_path):
         chunked = publish.check_lists(frame.to_arrow(), before, vectors.user_ids, K, chunk_users=7)
         assert sorted(p.split(", e.g.")[0] for p in chunked) == sorted(p.split(", e.g.")[0] for p in problems)
         assert any(user in p for p in chunked)
+        # read back from a file one user range at a time (how the publish stage checks a night): the same problems
+        path = tmp_path / f"{what}.parquet"
+        pq.write_table(frame.sort("user_id", "rank").to_arrow(), path, row_group_size=40)
+        streamed = publish.check_lists(
+            functools.partial(publication.read_user_range, path), before, vectors.user_ids, K, chunk_users=7
+        )
+        assert streamed == chunked
     extra = good.filter(pl.col("user_id") == "u001").with_columns(pl.lit("zz-stranger").alias("user_id"))
     stranger = publish.check_lists(pl.concat([good, extra]).to_arrow(), before, vectors.user_ids, K, chunk_users=7)
     assert any("not in the known-user list" in p and "zz-stranger" in p for p in stranger)  # past the last range
