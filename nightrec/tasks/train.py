@@ -78,6 +78,16 @@ def _spread(index: torch.Tensor, weights: torch.Tensor, n_items: int) -> torch.T
     return torch.zeros(index.shape[0], n_items, dtype=weights.dtype).scatter_add(1, index, weights)
 
 
+def _pool(index: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(B, d): row b is ``sum_j weights[b, j] * table[index[b, j]]`` (padding has weight 0)."""
+    if torch.is_grad_enabled():
+        # Training: the dense (B, n_items) @ (n_items, d) product, whose backward is far faster than a gather's.
+        return _spread(index, weights, table.shape[0]) @ table
+    # Serving and evaluation: a gather reads B x L rows instead of multiplying through the whole catalogue, which
+    # made pooling 3 of the 5 catalogue-sized products per user (same sums, in another order).
+    return torch.bmm(weights.unsqueeze(1).to(table.dtype), table[index]).squeeze(1)
+
+
 class MetaRecModel(nn.Module):
     """Parameters and the differentiable forward pass. :class:`Recommender` wraps it with ids and I/O."""
 
@@ -126,10 +136,9 @@ class MetaRecModel(nn.Module):
         # position from the newest valid interaction (0 = newest), for the recency-weighted mean
         age = (count - torch.cumsum(maskf, 1)).clamp(min=0.0)
         weights = torch.exp(-self.recency.exp() * age) * maskf
-        # Pooling as (B, n_items) @ (n_items, d): no (B, L, d) gather, which dominated the step time.
         h = self.dropout(hist_table)
-        mean = _spread(support, maskf / count.clamp(min=1.0), hist_table.shape[0]) @ h
-        recent = _spread(support, weights / weights.sum(1, keepdim=True).clamp(min=1e-6), hist_table.shape[0]) @ h
+        mean = _pool(support, maskf / count.clamp(min=1.0), h)
+        recent = _pool(support, weights / weights.sum(1, keepdim=True).clamp(min=1e-6), h)
         u = self.prior + self.pool(torch.cat([mean, recent], dim=1))
         if self.profile is not None and profile is not None:
             u = u + self.profile(profile)
@@ -151,7 +160,7 @@ class MetaRecModel(nn.Module):
         steps = self.config.inner_steps if steps is None else steps
         maskf = mask.to(out_table.dtype)
         count = maskf.sum(1, keepdim=True).clamp(min=1.0)
-        target = _spread(support, maskf / count, out_table.shape[0]) @ out_table
+        target = _pool(support, maskf / count, out_table)
         has_support = (mask.sum(1, keepdim=True) > 0).to(u.dtype)
         for t in range(steps):
             probs = torch.softmax(u @ out_table.T + bias, dim=1)

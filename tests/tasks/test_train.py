@@ -129,3 +129,17 @@ def test_short_histories_are_served_by_the_cold_model(tmp_path):
     cold_all = gated._adapted(gated.cold_model, histories, None, 1024).numpy()
     np.testing.assert_allclose(served.user_matrix[1, : config.dim + 1], warm_all[1], atol=1e-5)
     np.testing.assert_allclose(served.user_matrix[0, config.dim + 1 :], cold_all[0], atol=1e-5)
+
+
+def test_serving_pools_by_gather_with_the_sums_training_uses(trained):
+    """Serving pools history rows with a gather; training with a dense product. The same user vectors either way."""
+    from nightrec.tasks import train
+
+    histories = [np.array([3, 1, 4, 1, 5]), np.array([12]), np.array([], dtype=np.int64), np.arange(20)]
+    served = trained.user_matrix(histories)
+    model = trained.model
+    with torch.enable_grad():  # the training path (dense products)
+        assert torch.is_grad_enabled()
+        support, mask = train.pad_histories(histories, trained.config.max_history)
+        vectors, _, _ = model.user_vectors(trained.text, support, mask)
+    np.testing.assert_allclose(served[:, :-1], vectors.detach().numpy(), rtol=1e-5, atol=1e-6)
