@@ -342,6 +342,9 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for other in args.merge:  # scales measured by separate runs (e.g. 1x started in parallel)
         results.update(json.loads(Path(other).read_text()))
+    if args.merge:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1, default=str))
     if not args.plot_only:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         for scale in [float(s) for s in args.scales.split(",")]:
