@@ -12,10 +12,13 @@ partition is untouched. Readers check the file against its manifest (rows, size 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import os
 import shutil
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -53,8 +56,29 @@ def publish(
     """
     target = lake.recommendations_partition(day)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_own_leftovers(target)
-    staging = atomic.new_staging_dir(target.parent, target.name)
+    _remove_dead_staging(target.parent)
+    with _locked_staging_dir(target.parent, target.name) as staging:
+        rows, users, manifest = _write_partition(staging, target, day, batches, pointer, check)
+    failpoint("publish:before-latest")
+    with locking.pointer_lock(lake):  # compare and replace as one step: two dates publishing at once
+        for leftover in lake.latest_pointer.parent.glob(f".{lake.latest_pointer.name}.*.tmp"):
+            leftover.unlink(missing_ok=True)  # a killed pointer write; only a pointer-lock holder writes these
+        current = lake.read_latest_pointer()
+        moved = current is None or move_latest_back or dt.date.fromisoformat(current["date"]) <= day
+        if moved:
+            atomic.write_json_atomic(lake.latest_pointer, {**pointer, "date": day.isoformat()})
+    return {"rows": rows, "users": users, "bytes": manifest["bytes"], "sha256": manifest["sha256"], "latest": moved}
+
+
+def _write_partition(
+    staging: Path,
+    target: Path,
+    day: dt.date,
+    batches: Iterable[pa.RecordBatch],
+    pointer: dict,
+    check: Callable[[Path], None] | None,
+) -> tuple[int, int, dict]:
+    """Write, fsync and check the partition in ``staging``, then swap it in for ``target``: rows, users, manifest."""
     try:
         rows, users = _write_batches(staging / PART_FILE, batches)
         # The pointer's provenance (MLflow run, model version) goes into the manifest too, so a partition says
@@ -69,21 +93,45 @@ def publish(
         atomic.replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already on success
-    failpoint("publish:before-latest")
-    with locking.pointer_lock(lake):  # compare and replace as one step: two dates publishing at once
-        for leftover in lake.latest_pointer.parent.glob(f".{lake.latest_pointer.name}.*.tmp"):
-            leftover.unlink(missing_ok=True)  # a killed pointer write; only a pointer-lock holder writes these
-        current = lake.read_latest_pointer()
-        moved = current is None or move_latest_back or dt.date.fromisoformat(current["date"]) <= day
-        if moved:
-            atomic.write_json_atomic(lake.latest_pointer, {**pointer, "date": day.isoformat()})
-    return {"rows": rows, "users": users, "bytes": manifest["bytes"], "sha256": manifest["sha256"], "latest": moved}
+    return rows, users, manifest
 
 
-def _remove_own_leftovers(target: Path) -> None:
-    # Only this date's staging folders: another date may be publishing beside us right now.
-    for child in target.parent.glob(f".staging-{target.name}-*"):
-        shutil.rmtree(child, ignore_errors=True)
+@contextlib.contextmanager
+def _locked_staging_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A staging folder this process holds an ``flock`` on while it writes, so that a publisher of any date can tell
+    a dead writer's folder (lock free: the kernel drops it with the process) from a live one's. It is locked under a
+    name no cleaner looks at, then renamed (the lock goes with the folder)."""
+    token = uuid.uuid4().hex
+    creating = parent / f".creating-{name}-{token}"
+    creating.mkdir()
+    fd = os.open(creating, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        staging = parent / f".staging-{name}-{token}"
+        os.rename(creating, staging)
+        yield staging
+    finally:
+        os.close(fd)
+        if creating.exists():
+            creating.rmdir()
+
+
+def _remove_dead_staging(parent: Path) -> None:
+    """Remove every date's staging folder whose writer has died (a killed publication, even of a date never run
+    again); a live writer's folder is locked and left alone."""
+    for child in parent.glob(".staging-date=*"):
+        try:
+            fd = os.open(child, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # another date is publishing right now
+            shutil.rmtree(child, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _write_batches(path: Path, batches: Iterable[pa.RecordBatch]) -> tuple[int, int]:

@@ -176,3 +176,26 @@ def test_user_range_reads_only_that_range(tmp_path, monkeypatch):
     assert publication.read_user_range(path, None, "u002").num_rows == 6
     assert sorted(set(publication.read_user_range(path, "u098", None)["user_id"].to_pylist())) == ["u098", "u099"]
     assert publication.read_user_range(path, None, None).num_rows == 300
+
+
+def test_a_dead_writers_staging_of_any_date_is_removed_and_a_live_ones_kept(tmp_path):
+    import fcntl
+
+    lake = Lake(tmp_path / "lake")
+    publication.publish(lake, DAY1, [lists(DAY1, ["a"])], {"model_version": "1"})
+    # a publication of another date killed before its swap (never run again), and one still writing
+    dead = lake.recommendations_dir / ".staging-date=2026-03-07-0a1b"
+    live = lake.recommendations_dir / ".staging-date=2026-03-09-2c3d"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "part-0.parquet").write_bytes(b"PAR1 torn")
+    holder = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # what a live publisher holds on its staging folder
+        publication.publish(lake, DAY2, [lists(DAY2, ["a"])], {"model_version": "2"})
+        assert not dead.exists() and (live / "part-0.parquet").exists()
+    finally:
+        os.close(holder)  # the writer dies: the kernel drops its lock
+    publication.publish(lake, DAY2, [lists(DAY2, ["b"])], {"model_version": "3"})
+    assert not [p for p in lake.recommendations_dir.iterdir() if p.name.startswith((".staging", ".creating"))]
+    assert publication.read_latest(lake)[0]["model_version"] == "3"
