@@ -21,19 +21,33 @@ from nightrec.storage.lake import Lake
 log = logging.getLogger("nightrec.locks")
 
 
+def try_lock_directory(folder: Path) -> int | None:
+    """A descriptor holding an exclusive lock on ``folder`` (close it to release), or None when another process holds
+    the lock or the folder is gone. Never waits."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextlib.contextmanager
 def directory_lock(folder: Path, what: str) -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (created if missing); wait, with one message, while another holds it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    fd = try_lock_directory(folder)
+    if fd is None:
+        log.warning("waiting for another %s in %s to finish (pid %s)", what, folder, os.getpid())
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        log.warning("the other %s in %s finished; going on (pid %s)", what, folder, os.getpid())
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("waiting for another %s in %s to finish (pid %s)", what, folder, os.getpid())
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            log.warning("the other %s in %s finished; going on (pid %s)", what, folder, os.getpid())
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import os
 import shutil
 import uuid
@@ -104,9 +103,8 @@ def _locked_staging_dir(parent: Path, name: str) -> Iterator[Path]:
     token = uuid.uuid4().hex
     creating = parent / f".creating-{name}-{token}"
     creating.mkdir()
-    fd = os.open(creating, os.O_RDONLY | os.O_DIRECTORY)
+    fd = locking.try_lock_directory(creating)  # a new folder of our own: nobody else holds it
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         staging = parent / f".staging-{name}-{token}"
         os.rename(creating, staging)
         yield staging
@@ -120,15 +118,10 @@ def _remove_dead_staging(parent: Path) -> None:
     """Remove every date's staging folder whose writer has died (a killed publication, even of a date never run
     again); a live writer's folder is locked and left alone."""
     for child in parent.glob(".staging-date=*"):
+        fd = locking.try_lock_directory(child)
+        if fd is None:
+            continue  # another date is publishing right now (or another publisher removed it)
         try:
-            fd = os.open(child, os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # another date is publishing right now
             shutil.rmtree(child, ignore_errors=True)
         finally:
             os.close(fd)

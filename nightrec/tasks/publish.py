@@ -291,7 +291,7 @@ def _batch(
     )
 
 
-ListsInRange = Callable[[str | None, str | None], pa.Table | pl.DataFrame]
+ListsInRange = Callable[[str | None, str | None], pa.Table]
 
 
 def check_lists(
@@ -320,17 +320,16 @@ def check_lists(
     users = sorted(set(user_ids))
     bounds = [None, *users[chunk_users::chunk_users], None]  # lo inclusive, hi exclusive; the ends are open
     for chunk, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        rows = in_range_of(lo, hi)
-        rows = rows if isinstance(rows, pl.DataFrame) else pl.from_arrow(rows)
+        rows = pl.from_arrow(in_range_of(lo, hi).select(_CHECKED))
         mine = users[chunk * chunk_users : (chunk + 1) * chunk_users]
-        _check_chunk(found, rows.select(_CHECKED), history.filter(user_range(lo, hi)), mine, k, catalogue)
+        _check_chunk(found, rows, history.filter(_user_range(lo, hi)), mine, k, catalogue)
     return [f"{count} {what}, e.g. {examples}" for what, (count, examples) in found.items()]
 
 
 _CHECKED = ["user_id", "rank", "item_id", "score", "reasons"]
 
 
-def user_range(lo: str | None, hi: str | None) -> pl.Expr:
+def _user_range(lo: str | None, hi: str | None) -> pl.Expr:
     """``lo <= user_id < hi``; None leaves that end open."""
     expr = pl.lit(True)
     if lo is not None:
@@ -342,7 +341,7 @@ def user_range(lo: str | None, hi: str | None) -> pl.Expr:
 
 def _table_ranges(table: pa.Table) -> ListsInRange:
     lists = pl.from_arrow(table.select(_CHECKED))
-    return lambda lo, hi: lists.filter(user_range(lo, hi))
+    return lambda lo, hi: lists.filter(_user_range(lo, hi)).to_arrow()
 
 
 def _check_chunk(
