@@ -1,0 +1,77 @@
+"""SASRec-CE peer: a known-answer sequence task, early stopping restores the best state, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nightrec.ranking import top_k_unseen
+from nightrec.tasks.sasrec import SASRec, tune_sasrec
+
+N_ITEMS = 30
+SMALL = {"hidden": 32, "blocks": 1, "max_len": 16, "dropout": 0.1, "lr": 3e-3, "batch_size": 64, "threads": 1}
+
+
+def cycles(n_users: int, seed: int) -> list[np.ndarray]:
+    """Item i is always followed by (i + 1) % 30; random start, 5-15 items (shorter than the cycle, so the next item
+    is never already in the history)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(N_ITEMS) + np.arange(rng.integers(5, 16))) % N_ITEMS for _ in range(n_users)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_learns_the_next_item_of_a_deterministic_sequence():
+    model = SASRec(cycles(200, seed=0), N_ITEMS, epochs=20, **SMALL)
+    held_out = cycles(100, seed=1)
+    top = top_k_unseen(model.score(held_out), held_out, 1)[:, 0]
+    truth = np.array([(h[-1] + 1) % N_ITEMS for h in held_out])
+    assert (top == truth).mean() >= 0.9
+    assert model.epochs_run == model.best_epoch == 20  # no validation: every epoch runs
+
+
+def test_early_stopping_restores_the_best_validation_state():
+    rng = np.random.default_rng(2)
+    histories = cycles(60, seed=2)
+    # the true next item plus random noise: validation NDCG rises, then wanders, so the last state is not the best
+    relevant = [np.array([(h[-1] + 1) % N_ITEMS, *rng.choice(N_ITEMS, 3)]) for h in histories]
+    model = SASRec(
+        cycles(200, seed=0), N_ITEMS, epochs=60, validation=(histories, relevant), patience=2, eval_every=1, **SMALL
+    )
+    epochs, values = zip(*model.history, strict=True)
+    assert 1 < model.best_epoch == epochs[int(np.argmax(values))] < model.epochs_run < 60
+    assert model.epochs_run - model.best_epoch == 2  # stopped after exactly `patience` evaluations without gain
+    assert values[-1] < max(values)  # so restoring matters
+    assert model.validation_ndcg(histories, relevant) == pytest.approx(max(values), abs=1e-12)
+
+
+def test_same_seed_same_scores_and_empty_histories_get_popularity():
+    train = cycles(60, seed=3)
+    train.append(np.full(40, 5))  # item 5 by far the most popular
+    a, b = (SASRec(train, N_ITEMS, epochs=3, seed=7, **SMALL) for _ in range(2))
+    c = SASRec(train, N_ITEMS, epochs=3, seed=8, **SMALL)
+    queries = [np.array([1, 2, 3]), np.array([], dtype=np.int64), np.arange(40) % N_ITEMS]  # last one > max_len
+    sa, sb, sc = a.score(queries), b.score(queries), c.score(queries)
+    assert sa.shape == (3, N_ITEMS) and sa.dtype == np.float32 and np.isfinite(sa).all()
+    np.testing.assert_array_equal(sa, sb)
+    assert not np.array_equal(sa, sc)
+    np.testing.assert_array_equal(sa[1], a.popularity)
+    assert int(np.argmax(sa[1])) == 5
+
+
+def test_tune_returns_constructor_arguments_with_the_early_stopped_epochs():
+    histories = cycles(40, seed=4)
+    relevant = [np.array([(h[-1] + 1) % N_ITEMS]) for h in histories]
+    grid = [{**SMALL, "epochs": 6, "dropout": d} for d in (0.1, 0.3)]
+    logged: list[str] = []
+    params = tune_sasrec(cycles(100, seed=0), N_ITEMS, (histories, relevant), seed=0, grid=grid, log=logged.append)
+    assert params["dropout"] in (0.1, 0.3) and 1 <= params["epochs"] <= 6
+    assert len(logged) == 3
+    SASRec(cycles(20, seed=5), N_ITEMS, seed=0, **{**params, "epochs": 1})  # the result is valid constructor input
