@@ -38,12 +38,15 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 @app.command()
 def ingest(
-    events: Annotated[Path | None, typer.Option(help="Events file, or a MovieLens folder.")] = None,
-    items: Annotated[Path | None, typer.Option(help="Item catalogue file.")] = None,
+    events: Annotated[
+        Path | None, typer.Option(help="Events file, an Amazon 2018 reviews file, or a MovieLens/Amazon folder.")
+    ] = None,
+    items: Annotated[Path | None, typer.Option(help="Item catalogue file, or an Amazon 2018 meta_*.json.gz.")] = None,
     users: Annotated[Path | None, typer.Option(help="User attributes file.")] = None,
 ) -> None:
-    """Land files into the lake (catalogue first). A MovieLens folder (100K, 1M, latest) is recognised as such."""
-    from nightrec.sources import movielens
+    """Land files into the lake (catalogue first). A MovieLens folder (100K, 1M, latest), an Amazon Review Data 2018
+    folder and Amazon reviews/metadata files (gzip JSON Lines) are recognised as such and converted first."""
+    from nightrec.sources import amazon, load_dataset
     from nightrec.storage.lake import Lake
     from nightrec.tasks import ingest as stage
 
@@ -54,7 +57,7 @@ def ingest(
     reports = []
     try:
         if events is not None and events.is_dir():
-            data = movielens.load(events)
+            data = load_dataset(events)
             reports.append(stage.ingest_items_frame(lake, stage.as_text_frame(data.items), settings, f"{events} items"))
             if data.users is not None:
                 reports.append(stage.ingest_users_frame(lake, stage.as_text_frame(data.users), f"{events} users"))
@@ -62,11 +65,23 @@ def ingest(
                 stage.ingest_events_frame(lake, stage.as_text_frame(data.events), settings, f"{events} events")
             )
         else:
-            if items is not None:
+            events_kind = amazon.detect_kind(events) if events is not None else None
+            items_kind = amazon.detect_kind(items) if items is not None else None
+            if events_kind == "meta":  # refused before anything is written
+                raise ValueError(f"{events}: an Amazon metadata file given as --events; give it as --items")
+            if items_kind == "reviews":
+                raise ValueError(f"{items}: an Amazon reviews file given as --items; give it as --events")
+            if items is not None and items_kind == "meta":
+                frame = stage.as_text_frame(amazon.load_items(items))
+                reports.append(stage.ingest_items_frame(lake, frame, settings, str(items)))
+            elif items is not None:
                 reports.append(stage.ingest_items_file(lake, items, settings))
             if users is not None:
                 reports.append(stage.ingest_users_file(lake, users))
-            if events is not None:
+            if events is not None and events_kind == "reviews":
+                frame = stage.as_text_frame(amazon.load_events(events))
+                reports.append(stage.ingest_events_frame(lake, frame, settings, str(events)))
+            elif events is not None:
                 reports.append(stage.ingest_events_file(lake, events, settings))
     except (stage.IngestError, ValueError, FileNotFoundError) as exc:
         raise _fail(f"refused: {exc}") from exc
@@ -182,7 +197,11 @@ def _print_night(summary: dict) -> None:
 @app.command()
 def evaluate(
     dataset: Annotated[
-        Path, typer.Option(help="A MovieLens folder (100K, 1M or latest layout), or its name under --datasets-dir.")
+        Path,
+        typer.Option(
+            help="A MovieLens folder (100K, 1M or latest layout) or an Amazon Review Data 2018 category folder "
+            "(reviews *_5.json.gz + meta_*.json.gz), or its name under --datasets-dir."
+        ),
     ],
     epochs: Annotated[int | None, typer.Option(help="Override training epochs.")] = None,
     datasets_dir: Annotated[

@@ -10,10 +10,10 @@ from nightrec.storage import tracking
 
 def run_offline_evaluation(settings: Settings, dataset_dir: Path, epochs: int | None = None) -> dict:
     """Encode the catalogue with the configured model, run the protocol, log metrics, table and plots."""
-    from nightrec.sources import movielens
+    from nightrec.sources import load_dataset
     from nightrec.tasks import embed, evaluate, train
 
-    dataset = movielens.load(dataset_dir)
+    dataset = load_dataset(dataset_dir)
     client = tracking.client_for(settings.tracking_uri)
     exp = tracking.experiment_id(client, f"{settings.mlflow_experiment}-offline", settings.artifact_root)
     run_id = tracking.start_run(
