@@ -1,7 +1,11 @@
-"""ML-100K quality: nightrec against popularity, item-kNN, EASE, implicit ALS and text-only, DESIGN.md protocol.
+"""Recommendation quality on several catalogues: nightrec against popularity, item-kNN, EASE, implicit ALS, SASRec
+(full-softmax CE) and text-only, DESIGN.md protocol (every segment, peers tuned on validation in the same run, several
+seeds of the split, mean ± std).
 
-Run: ``/work/venv/bin/python bench/quality.py [--epochs N] [--ablations]``. Prints the markdown table, then ONE JSON
-object as the last line (nightrec / best-peer ratios per segment). Item text vectors are cached in tmp/.cache.
+Run: ``.venv/bin/python bench/quality.py --dataset movielens-100k|amazon2018-gift-cards|demo [--seeds 0 1 2]
+[--epochs N] [--stratified] [--ablations]``. Prints the table (mean ± std over seeds), the ratio table, then ONE JSON
+object as the last line: per headline metric nightrec's mean, the best peer, the ratio to it (mean ± std over seeds)
+and to popularity. Item text vectors are cached in tmp/.cache by the texts' digest.
 """
 
 from __future__ import annotations
@@ -17,27 +21,34 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DATASET = Path(os.environ.get("NIGHTREC_DATASETS", REPO.parent / "shared" / "datasets")) / "movielens-100k"
+DATASETS = Path(os.environ.get("NIGHTREC_DATASETS", REPO.parent / "shared" / "datasets"))
 CACHE = REPO / "tmp" / ".cache"
+# "The demo generator at a larger size": twice the demo night's users and events.
+DEMO = {"users": 4000, "items": 3000, "events": 240_000, "seed": 7}
+TEMPLATE = "{title}. Genres: {genres}. {description}"  # Settings().item_text_template's default
 
 
-def item_text(title: str, genres: list[str], description: str | None) -> str:
-    return f"{title}. Genres: {', '.join(genres or [])}. {description or ''}".strip()
+def load(name: str):
+    """A catalogue by name: ``demo`` (generated) or a folder under NIGHTREC_DATASETS (MovieLens or Amazon 2018)."""
+    if name == "demo":
+        from nightrec.sources import demo
+
+        return demo.dataset(demo.DemoSpec(**DEMO))
+    from nightrec.sources import load_dataset
+
+    folder = Path(name) if Path(name).is_dir() else DATASETS / name
+    if not folder.is_dir():
+        sys.exit(f"bench/quality.py: no dataset folder {folder}")
+    return load_dataset(folder)
 
 
-def ml100k_vectors(dataset, cache: Path = CACHE) -> np.ndarray:
-    """MiniLM vectors of the ML-100K item texts (row i = dataset.items row i), cached by the texts' digest."""
-    texts = [
-        item_text(t, g, d)
-        for t, g, d in zip(
-            dataset.items["title"].to_list(),
-            dataset.items["genres"].to_list(),
-            dataset.items["description"].to_list(),
-            strict=True,
-        )
-    ]
+def item_vectors(dataset, cache: Path = CACHE) -> np.ndarray:
+    """MiniLM vectors of the item texts (row i = dataset.items row i), cached by the texts' digest."""
+    from nightrec.tasks.embed import item_texts
+
+    texts = item_texts(dataset.items, TEMPLATE)
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
-    path = cache / f"ml100k-minilm-{digest}.npy"
+    path = cache / f"minilm-{digest}.npy"
     if path.exists():
         return np.load(path)
     from nightrec.tasks.embed import load_encoder
@@ -58,11 +69,11 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int) -> dict[str,
     import dataclasses
     import tempfile
 
-    from nightrec.tasks import evaluate, train
+    from nightrec.tasks import evaluate, protocol, train
 
     item_ids = dataset.items["item_id"].to_list()
     _, seqs = train.user_sequences(dataset.events, {item: i for i, item in enumerate(item_ids)})
-    split = evaluate.chronological_split([s for s in seqs if len(s)], seed)
+    split = protocol.chronological_split([s for s in seqs if len(s)], seed)
     base = train.TrainConfig(seed=seed, epochs=epochs)
     rows: dict[str, dict] = {}
 
@@ -72,7 +83,7 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int) -> dict[str,
         seconds = time.perf_counter() - started
         if ids is not item_ids:
             return scorer
-        metrics, _ = evaluate.evaluate_split({"m": scorer}, split)
+        metrics, _ = protocol.evaluate_split({"m": scorer}, split)
         rows[name] = {**_cold_warm(metrics["m"]), "train_s": round(seconds, 1)}
         print(name, rows[name], file=sys.stderr, flush=True)
         return scorer
@@ -109,47 +120,49 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int) -> dict[str,
 
 
 def main() -> None:
-    from nightrec.sources import movielens
-    from nightrec.tasks import evaluate, train
+    from nightrec.tasks import protocol, train
 
     parser = argparse.ArgumentParser()
+    parser.add_argument(
+        "--dataset", default="movielens-100k", help="movielens-100k, amazon2018-gift-cards, demo, or a folder"
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--stratified", action="store_true", help="also the random 75/25 split stratified by item")
     parser.add_argument("--ablations", action="store_true", help="nightrec variants and warm start instead of peers")
     args = parser.parse_args()
-    dataset = movielens.load(DATASET)
-    vectors = ml100k_vectors(dataset)
+    dataset = load(args.dataset)
+    vectors = item_vectors(dataset)
     if args.ablations:
-        rows = ablations(dataset, vectors, args.seed, args.epochs or train.TrainConfig().epochs)
+        rows = ablations(dataset, vectors, args.seeds[0], args.epochs or train.TrainConfig().epochs)
         columns = list(next(iter(rows.values())))
         print("| variant | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
         for name, values in rows.items():
             print(f"| {name} | " + " | ".join(str(values[c]) for c in columns) + " |")
         print(json.dumps(rows))
         return
-    config = train.TrainConfig(seed=args.seed)
+    config = train.TrainConfig()
     if args.epochs:
         config.epochs = args.epochs
     started = time.perf_counter()
-    result = evaluate.run_protocol(
-        dataset, vectors, config, seed=args.seed, progress=lambda m: print(m, file=sys.stderr)
+    result = protocol.run_seeds(
+        dataset,
+        vectors,
+        config,
+        seeds=args.seeds,
+        progress=lambda m: print(m, file=sys.stderr, flush=True),
+        name=args.dataset,
+        stratified=args.stratified,
     )
-    print(result.to_markdown())
-    m = result.metrics
-    peers = [p for p in m if p != "nightrec"]
-    summary = {"seconds": round(time.perf_counter() - started, 1)}
-    for metric in (
-        "warm_ndcg_at_10",
-        "cold_k1_ndcg_at_20",
-        "cold_k3_ndcg_at_20",
-        "cold_k5_ndcg_at_20",
-        "strat_ndcg_at_10",
-    ):
-        best = max(peers, key=lambda p: m[p].get(metric, float("-inf")))
-        summary[metric] = round(m["nightrec"][metric], 4)
-        summary[f"{metric}_best_peer"] = best
-        summary[f"{metric}_ratio"] = round(m["nightrec"][metric] / m[best][metric], 3)
-    print(json.dumps(summary))
+    seconds = round(time.perf_counter() - started, 1)
+    info = result.runs[0].info
+    print(f"## {args.dataset}: {info['users']} users, {info['items']} items, seeds {args.seeds}, {seconds} s\n")
+    print(f"segment users (seed {args.seeds[0]}): {info['segment_users']}; cold items: {info['cold_items']}\n")
+    print(result.to_markdown() + "\n")
+    print(result.summary_markdown() + "\n")
+    for run in result.runs:
+        print(f"seed {run.info['seed']}: peers {json.dumps(run.info['peer_params'], default=str)}", file=sys.stderr)
+    print(json.dumps({"dataset": args.dataset, "seeds": args.seeds, "seconds": seconds, **result.summary()}))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ users with latent genre tastes and a popularity skew, so that good recommendatio
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,3 +300,13 @@ def _chunk_events(
 
 def _upper_first(text: str) -> str:
     return text[:1].upper() + text[1:]
+
+
+def dataset(spec: DemoSpec):
+    """The demo catalogue as typed frames for the offline protocol (no bad rows; timestamps parsed, genres split)."""
+    from nightrec.sources.movielens import Dataset
+
+    events, items, users = generate(dataclasses.replace(spec, bad_row_fraction=0.0))
+    events = events.with_columns(pl.col("timestamp").str.to_datetime(time_zone="UTC", time_unit="us"))
+    items = items.with_columns(pl.col("genres").str.split("|"))
+    return Dataset(events=events, items=items, users=users)

@@ -45,32 +45,6 @@ def test_als_and_text_peers_score_every_item_and_fall_back_to_popularity():
         assert np.argmax(scores[1]) == np.argmax(evaluate.Popularity(histories, 20).counts)
 
 
-def test_chronological_split_keeps_cold_users_out_of_training():
-    seqs = [np.arange(u % 7, u % 7 + 10 + u % 5) for u in range(200)]
-    split = evaluate.chronological_split(seqs, seed=1)
-    hist, rel = split.segments["warm"]
-    assert len(split.train) + len(split.segments["cold_k1"][0]) == 200
-    assert all(len(h) == int(np.floor((len(h) + len(r)) * 0.8)) for h, r in zip(hist, rel, strict=True))
-    for k in evaluate.COLD_KS:
-        cold_hist, cold_rel = split.segments[f"cold_k{k}"]
-        assert all(len(h) == k for h in cold_hist) and all(0 < len(r) <= evaluate.COLD_QUERY for r in cold_rel)
-    inner, val_hist, val_rel = split.validation
-    assert sum(map(len, inner)) + sum(map(len, val_rel)) == sum(map(len, split.train))
-
-
-def test_stratified_split_holds_out_a_quarter_of_each_item():
-    rng = np.random.default_rng(0)
-    seqs = [rng.permutation(40)[:20] for _ in range(100)]
-    split = evaluate.stratified_split(seqs, 40, seed=0)
-    train_counts = np.bincount(np.concatenate(split.train), minlength=40)
-    test_counts = np.bincount(np.concatenate(split.segments["strat"][1]), minlength=40)
-    total = train_counts + test_counts
-    assert total.sum() == 2000
-    np.testing.assert_allclose(test_counts / total, 0.25, atol=0.02)
-    for h, r in zip(*split.segments["strat"], strict=True):
-        assert not set(h) & set(r)
-
-
 def test_holdout_report_hand_computed_popularity_and_missing_catalogue_items():
     item_ids = [f"i{i}" for i in range(20)]
     text = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
