@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_EVENT_TYPES = ("view", "click", "like", "cart", "purchase", "rating", "play", "share", "dislike")
@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     top_k: int = Field(default=50, gt=0)
     holdout_days: int = Field(default=7, gt=0, description="Newest days held out to evaluate the night's model.")
     champion_tolerance: float = Field(default=0.02, ge=0.0, description="Relative NDCG@10 loss allowed vs champion.")
+    gate_min_users: int = Field(
+        default=200,
+        gt=0,
+        description="Fewest scored holdout users the gate decides on; the holdout grows to reach it "
+        "(nightrec.tasks.holdout), and below it the champion is kept (a first model publishes unvalidated).",
+    )
     min_index_recall: float = Field(default=0.99, ge=0.0, le=1.0)
     compression_tolerance: float = Field(
         default=0.02, ge=0.0, description="Relative NDCG@10 loss a compression step may cost (compress_served)."
@@ -132,6 +138,16 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
         return home.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _gate_can_decide(self) -> Settings:
+        # The gate scores at most eval_max_users; fewer than gate_min_users would make every night "too few to decide".
+        if self.eval_max_users is not None and self.eval_max_users < self.gate_min_users:
+            raise ValueError(
+                f"eval_max_users ({self.eval_max_users}) is below gate_min_users ({self.gate_min_users}): "
+                "the gate could never decide"
+            )
+        return self
 
     @property
     def lake_root(self) -> Path:

@@ -1,4 +1,4 @@
-"""The champion gate (pure rule) and the MLflow registry helpers on a real SQLite store."""
+"""The champion gate (pure rules) and the MLflow registry helpers on a real SQLite store."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from nightrec.storage import registry, tracking
         (0.19, None, 0.20, True, "new"),  # loses to popularity, no champion: nothing else to serve, first champion
         (float("nan"), 0.30, 0.20, False, "champion"),  # unmeasured model is never promoted
         (0.30, float("nan"), 0.20, True, "new"),  # champion without figures counts as none
+        (0.0, None, 0.0, True, "new"),  # 0.0 vs 0.0: a tie with popularity, not a win
+        (0.0, 0.0, 0.0, True, "new"),  # ties everywhere: not worse, promoted
     ],
 )
 def test_gate(new, champ, pop, promote, publish):
@@ -31,6 +33,21 @@ def test_gate_reason_says_why():
     assert "popularity" in registry.gate(0.1, 0.3, 0.2, 0.02).reason
     assert "worse than the champion" in registry.gate(0.25, 0.3, 0.2, 0.02).reason
     assert "loses to popularity" in registry.gate(0.1, None, 0.2, 0.02).reason
+    tie = registry.gate(0.0, None, 0.0, 0.02)
+    assert tie.outcome_vs_popularity == "tie" and "beats" not in tie.reason and "ties with popularity" in tie.reason
+    win = registry.gate(0.3, 0.2, 0.1, 0.02)
+    assert (win.outcome_vs_popularity, win.outcome_vs_champion) == ("beats", "beats")
+    assert registry.gate(0.3, None, 0.1, 0.02).outcome_vs_champion == "no champion"
+
+
+def test_paired_gate_needs_enough_users_before_it_decides():
+    import numpy as np
+
+    pop = np.full(300, 0.2)
+    assert registry.gate_paired(pop + 0.1, pop, pop, 0.02, min_users=200).outcome_vs_popularity == "beats"
+    few = registry.gate_paired(pop[:199] + 0.1, pop[:199], pop[:199], 0.02, min_users=200)
+    assert few.outcome_vs_popularity == "too few holdout users to decide (199 < 200)"
+    assert (few.promote, few.publish) == (False, "champion")
 
 
 @pytest.fixture
