@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -56,17 +57,11 @@ def night_events(lake: Lake, run_date: dt.date) -> pl.DataFrame:
     return lake.scan_events(before=run_date).select("user_id", "item_id", "timestamp", "date").collect()
 
 
-def split_holdout(events: pl.DataFrame, run_date: dt.date, holdout_days: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Train on events before ``run_date - holdout_days``; hold out the newest days for evaluation.
+def night_split(settings: Settings, events: pl.DataFrame, run_date: dt.date):
+    """The night's training/holdout split (:func:`nightrec.tasks.holdout.split_holdout`): every stage uses this one."""
+    from nightrec.tasks.holdout import split_holdout
 
-    With too little history on either side of the cut, everything trains and the holdout is empty.
-    """
-    cut = run_date - dt.timedelta(days=holdout_days)
-    train = events.filter(pl.col("date") < cut)
-    holdout = events.filter(pl.col("date") >= cut)
-    if train.is_empty() or holdout.is_empty():
-        return events, events.clear()
-    return train, holdout
+    return split_holdout(events, run_date, settings.holdout_days, settings.gate_min_users)
 
 
 def known_users(lake: Lake, events: pl.DataFrame) -> list[str]:
@@ -178,6 +173,7 @@ def embed_users(run_date: dt.date, parent_run_id: str) -> dict:
 
 def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
     """Content key of everything training reads: events before the date, the catalogue, settings, champion, code."""
+    import nightrec.tasks.holdout as holdout_module
     import nightrec.tasks.train as train_module
 
     settings = Settings()
@@ -189,10 +185,12 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
             digest.update(lake.events_partition_sha256(day).encode())
     if lake.items_file.exists():
         digest.update(hashlib.sha256(lake.items_file.read_bytes()).digest())
-    digest.update(Path(train_module.__file__).read_bytes())  # the code version
+    for module in (train_module, holdout_module):  # the code version (the holdout rule decides what trains)
+        digest.update(Path(module.__file__).read_bytes())
     for value in (
         run_date,
         settings.holdout_days,
+        settings.gate_min_users,
         settings.seed,
         settings.train_epochs,
         settings.train_max_users_per_epoch,
@@ -229,14 +227,17 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
 
     with _Stage(parent_run_id, "train") as st:
         events = night_events(st.lake, run_date)
-        train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
+        split = night_split(st.settings, events, run_date)
+        train_events, holdout = split.train, split.holdout
         item_ids = st.lake.read_items()["item_id"].to_list()
         text = embed.load_item_embeddings(st.lake, st.settings, item_ids)
         config = train.TrainConfig(seed=st.settings.seed, max_users_per_epoch=st.settings.train_max_users_per_epoch)
         if st.settings.train_epochs:
             config.epochs = st.settings.train_epochs
         init_from = Path(champion_dir) if champion_dir and st.settings.warm_start else None
-        tracking.log_params(st.client, st.run_id, {**config.to_dict(), "init_from": init_from or "scratch"})
+        tracking.log_params(
+            st.client, st.run_id, {**config.to_dict(), **split.profile(), "init_from": init_from or "scratch"}
+        )
         key = train_inputs_key(run_date, champion_dir)  # once: it reads every events manifest
         for context, frame in (("training", train_events), ("holdout", holdout)):
             profile = {
@@ -270,45 +271,70 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
 
 @task(name="evaluate-and-gate", **RETRY)
 def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model_dir: str) -> dict:
-    """Score the new model, the champion and popularity on the holdout; register, maybe promote, pick what to serve."""
+    """Score the new model, the champion and popularity on the holdout; register, maybe promote, pick what to serve.
+
+    The gate (:func:`nightrec.storage.registry.gate_paired`) decides on a paired bootstrap of per-user NDCG@10 over
+    at least ``gate_min_users`` holdout users; metrics per history segment are logged beside the overall ones."""
     from nightrec.flows import plots
     from nightrec.storage import registry
-    from nightrec.tasks import evaluate, pyfunc_model, train
+    from nightrec.tasks import holdout as holdout_task
+    from nightrec.tasks import pyfunc_model, train
 
     with _Stage(parent_run_id, "evaluate-and-gate") as st:
         name = st.settings.registered_model
         events = night_events(st.lake, run_date)
-        train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
+        split = night_split(st.settings, events, run_date)
         champion = registry.champion(st.client, name)
         champion_weights = pyfunc_model.recommender_dir(champion.path) if champion is not None else None
         models = {"model": train.Recommender.load(Path(model_dir))}
         if champion_weights is not None:
             models["champion"] = train.Recommender.load(champion_weights)
         report: dict[str, dict[str, float]] = {}
-        if holdout.height:
-            item_ids = models["model"].item_ids
-            report = evaluate.holdout_report(
-                models, train_events, holdout, item_ids, 10, st.settings.eval_max_users, st.settings.seed
+        ndcg: dict = {}
+        new_ndcg = float("nan")
+        if split.holdout.height:
+            evidence = holdout_task.holdout_evidence(
+                models,
+                split.train,
+                split.holdout,
+                models["model"].item_ids,
+                10,
+                st.settings.eval_max_users,
+                st.settings.seed,
             )
+            report, ndcg = evidence.report, evidence.ndcg
             for model_name, metrics in report.items():
                 st.metrics(metrics, prefix=f"{model_name}_")
             tracking.log_figure(st.client, st.run_id, plots.model_vs_peers(report), "plots/holdout_vs_peers.png")
             tracking.log_dict(st.client, st.run_id, report, "holdout_report.json")
             new_ndcg = report["model"]["ndcg_at_10"]
-            decision = registry.gate(
-                new_ndcg,
-                report["champion"]["ndcg_at_10"] if "champion" in report else None,
-                report["popularity"]["ndcg_at_10"],
-                st.settings.champion_tolerance,
-            )
-        else:
-            new_ndcg = float("nan")
-            decision = registry.GateDecision(
-                promote=champion is None,
-                publish="new" if champion is None else "champion",
-                reason="no holdout days to evaluate on yet: "
-                + ("first model, promoted" if champion is None else "kept the champion"),
-            )
+        empty = np.zeros(0)
+        decision = registry.gate_paired(
+            ndcg.get("model", empty),
+            ndcg.get("popularity", empty),
+            ndcg.get("champion", empty if champion is not None else None),
+            st.settings.champion_tolerance,
+            st.settings.gate_min_users,
+            seed=st.settings.seed,
+        )
+        comparisons = {"popularity": decision.vs_popularity, "champion": decision.vs_champion}
+        for other, comparison in comparisons.items():
+            if comparison is not None and comparison.users:
+                st.metrics({k: v for k, v in comparison.as_dict().items() if k != "outcome"}, f"gate_vs_{other}_")
+        tracking.log_dict(
+            st.client,
+            st.run_id,
+            {
+                "split": {**split.profile(), "description": split.description},
+                "users": decision.users,
+                "min_users": st.settings.gate_min_users,
+                "promote": decision.promote,
+                "publish": decision.publish,
+                "reason": decision.reason,
+                **{f"vs_{k}": c.as_dict() if c is not None else None for k, c in comparisons.items()},
+            },
+            "gate_decision.json",
+        )
         # Registered as an MLflow pyfunc with a signature: the registry UI shows its schema and anyone can load it.
         mlflow_model = Path(workdir) / "mlflow-model"
         shutil.rmtree(mlflow_model, ignore_errors=True)  # a retried stage starts clean
@@ -326,9 +352,23 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
             "promoted": decision.promote,
             "published_model": "new" if serve_new else "champion",
             "reason": decision.reason,
+            "outcome_vs_popularity": decision.outcome_vs_popularity,
+            "outcome_vs_champion": decision.outcome_vs_champion,
+            "holdout_users": decision.users,
+            "holdout_method": split.description,
             "holdout": report,
         }
-        for key in ("promoted", "published_model", "reason", "candidate_version"):
+        tagged = (
+            "promoted",
+            "published_model",
+            "reason",
+            "candidate_version",
+            "outcome_vs_popularity",
+            "outcome_vs_champion",
+            "holdout_users",
+            "holdout_method",
+        )
+        for key in tagged:
             st.client.set_tag(st.run_id, f"nightrec.gate.{key}", str(result[key]))
             st.client.set_tag(parent_run_id, f"nightrec.gate.{key}", str(result[key]))
         _write_state(Path(workdir), "gate", result)
@@ -349,7 +389,8 @@ def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> d
         full = recommender.served_vectors(events, users)
         full.meta.update({"model_version": gate["model_version"], "embedding_model": st.settings.embedding_model})
         chosen, codec = full, "Flat"
-        train_events, holdout = split_holdout(events, run_date, st.settings.holdout_days)
+        split = night_split(st.settings, events, run_date)
+        train_events, holdout = split.train, split.holdout
         if holdout.height:
             # Compression is judged on vectors adapted without the holdout, then applied to everyone's full vectors.
             holdout_users = compress.sample_users(holdout, st.settings.compression_max_users, st.settings.seed)
