@@ -62,11 +62,15 @@ class _Net(nn.Module):
         self.norm = nn.LayerNorm(hidden)  # pre-LN blocks leave the residual stream un-normalised
 
     def forward(self, seqs: torch.Tensor) -> torch.Tensor:
-        """(batch, max_len) left-padded item indices -> (batch, max_len, hidden) hidden states."""
+        """(batch, length <= max_len) left-padded item indices -> (batch, length, hidden) hidden states.
+
+        Positions count back from the most recent item, so a batch cut to its longest sequence (fewer padding
+        columns) gives exactly the same states as padding to ``max_len``: padding is never attended to.
+        """
         length = seqs.shape[1]
         real = seqs != self.n_items
         # as in SASRec, item embeddings are scaled by sqrt(d) before the positions are added
-        x = self.items(seqs) * self.items.embedding_dim**0.5 + self.positions.weight[:length]
+        x = self.items(seqs) * self.items.embedding_dim**0.5 + self.positions.weight[-length:]
         x = self.drop(x) * real.unsqueeze(-1)
         # causal and never onto padding; every position may see itself, so padded rows are not all -inf (NaN)
         causal = torch.ones(length, length, dtype=torch.bool, device=seqs.device).tril()
@@ -153,13 +157,21 @@ class SASRec:
         pad = self.n_items
         inputs = _left_pad([w[:-1] for w in windows], self.max_len, pad)
         targets = _left_pad([w[1:] for w in windows], self.max_len, pad)  # aligned: same left padding as inputs
+        lengths = torch.tensor([len(w) - 1 for w in windows], dtype=torch.float64)
         optimiser = torch.optim.Adam(self.net.parameters(), lr=lr)
         generator = torch.Generator().manual_seed(seed)
         best_value, best_state, stale = -1.0, None, 0
         for epoch in range(1, epochs + 1):
             self.net.train()
-            for batch in torch.randperm(len(windows), generator=generator).split(batch_size):
-                x, y = inputs[batch], targets[batch]
+            # batches of similar lengths (a length sort jittered afresh each epoch, batches in random order): most
+            # histories are far shorter than max_len, and each batch is cut to its longest, so this skips most of
+            # the padding (about 3x faster on MovieLens at max_len 200) while batches still vary between epochs
+            jitter = 0.75 + 0.5 * torch.rand(len(windows), generator=generator, dtype=torch.float64)
+            batches = torch.argsort(lengths * jitter).split(batch_size)
+            for b in torch.randperm(len(batches), generator=generator).tolist():
+                batch = batches[b]
+                width = int(lengths[batch].max())
+                x, y = inputs[batch, -width:], targets[batch, -width:]
                 keep = y != pad
                 hidden = self.net(x)[keep]  # only real positions: the full softmax is the expensive part
                 loss = F.cross_entropy(self.net.logits(hidden), y[keep])
@@ -195,7 +207,8 @@ class SASRec:
         with _Threads(self.threads):
             for start in range(0, len(histories), 1024):
                 chunk = histories[start : start + 1024]
-                seqs = _left_pad(chunk, self.max_len, self.n_items)
+                width = max(1, min(self.max_len, max(len(h) for h in chunk)))
+                seqs = _left_pad(chunk, width, self.n_items)
                 out[start : start + len(chunk)] = self.net.logits(self.net(seqs)[:, -1]).numpy()
         empty = np.fromiter((len(h) == 0 for h in histories), dtype=bool, count=len(histories))
         out[empty] = self.popularity

@@ -63,6 +63,8 @@ def test_same_seed_same_scores_and_empty_histories_get_popularity():
     np.testing.assert_array_equal(sa, sb)
     assert not np.array_equal(sa, sc)
     np.testing.assert_array_equal(sa[1], a.popularity)
+    # a batch is cut to its longest history: scored alone (3 columns) or beside a long one (16), same scores
+    np.testing.assert_allclose(a.score(queries[:1])[0], sa[0], rtol=1e-5, atol=1e-5)
     assert int(np.argmax(sa[1])) == 5
 
 
