@@ -197,28 +197,41 @@ def _print_night(summary: dict) -> None:
 @app.command()
 def evaluate(
     dataset: Annotated[
-        Path,
+        list[Path],
         typer.Option(
-            help="A MovieLens folder (100K, 1M or latest layout) or an Amazon Review Data 2018 category folder "
-            "(reviews *_5.json.gz + meta_*.json.gz), or its name under --datasets-dir."
+            help="A MovieLens folder (100K, 1M or latest layout), an Amazon Review Data 2018 category folder "
+            "(reviews *_5.json.gz + meta_*.json.gz), its name under --datasets-dir, or `demo`. Repeat for several."
         ),
     ],
     epochs: Annotated[int | None, typer.Option(help="Override training epochs.")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds of the split; every figure is mean ± std over them.")] = 3,
     datasets_dir: Annotated[
         Path, typer.Option(envvar="NIGHTREC_DATASETS", help="Where dataset names are looked up.")
     ] = Path("../shared/datasets"),
 ) -> None:
-    """Offline evaluation (DESIGN.md protocol) of nightrec against the peers, logged to MLflow."""
+    """Offline evaluation (DESIGN.md protocol) of nightrec against the peers, one MLflow run per catalogue."""
     from nightrec.flows.offline import run_offline_evaluation
 
-    if not dataset.exists() and (datasets_dir / dataset).is_dir():
-        dataset = datasets_dir / dataset  # `--dataset movielens-100k`
-    if not dataset.is_dir():
-        raise typer.BadParameter(f"{dataset}: no such folder (nor under {datasets_dir})", param_hint="--dataset")
+    sources: list[Path | str] = []
+    for folder in dataset:
+        if str(folder) == "demo":
+            sources.append("demo")
+            continue
+        if not folder.exists() and (datasets_dir / folder).is_dir():
+            folder = datasets_dir / folder  # `--dataset movielens-100k`
+        if not folder.is_dir():
+            raise typer.BadParameter(f"{folder}: no such folder (nor under {datasets_dir})", param_hint="--dataset")
+        sources.append(folder)
     settings = _settings()
-    report = run_offline_evaluation(settings, dataset, epochs)
-    typer.echo(report["markdown"])
-    typer.echo(f"MLflow run {report['mlflow_run_id']} in {settings.tracking_uri}")
+    for source in sources:
+        try:
+            report = run_offline_evaluation(
+                settings, source, epochs, seeds=range(seeds), progress=lambda m: typer.echo(m, err=True)
+            )
+        except ValueError as exc:  # a folder that is neither layout
+            raise _fail(f"refused: {exc}", 2) from exc
+        typer.echo(report["markdown"])
+        typer.echo(f"MLflow run {report['mlflow_run_id']} in {settings.tracking_uri}")
 
 
 @app.command()

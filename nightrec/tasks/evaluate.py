@@ -7,6 +7,7 @@ catalogue is ranked (:mod:`nightrec.ranking`). The offline protocol built on the
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
@@ -158,7 +159,18 @@ def fit_nightrec(train: Histories, item_ids: list[str], text: np.ndarray, config
 
 
 # --- the nightly holdout ------------------------------------------------------------------------------------------
-def holdout_report(
+@dataclass
+class HoldoutRanking:
+    """Every model's top items for the holdout users, ranked once; metrics for any subset of users derive from it."""
+
+    users: list[str]
+    seen: Histories  # training history per user (catalogue indices)
+    relevant: Histories  # holdout items per user
+    tops: dict[str, np.ndarray]  # method -> (n_users, max(20, k)) top unseen items
+    n_items: int
+
+
+def rank_holdout(
     models: dict[str, Recommender],
     train_events: pl.DataFrame,
     holdout_events: pl.DataFrame,
@@ -166,13 +178,15 @@ def holdout_report(
     k: int = 10,
     max_users: int | None = None,
     seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Each model and popularity on the users of ``holdout_events``, scored from their ``train_events`` history.
+) -> HoldoutRanking:
+    """Each model and popularity ranks the catalogue for the users of ``holdout_events``, from their
+    ``train_events`` history.
 
     Full ranking over ``item_ids`` with seen items removed; a model whose catalogue lacks an item cannot recommend it.
-    Users with no training history get each model's prior (popularity for the popularity peer). With ``max_users``,
-    a seeded sample of that many holdout users is scored (the same users for every model); scores are computed a
-    batch of users at a time, so memory is a batch times the catalogue, not every user times it.
+    Users with no training history get each model's prior (popularity for the popularity peer); users whose holdout
+    has no catalogue item are left out. With ``max_users``, a seeded sample of that many holdout users is scored (the
+    same users for every model); scores are computed a batch of users at a time, so memory is a batch times the
+    catalogue, not every user times it.
     """
     index = {item: i for i, item in enumerate(item_ids)}
     users = sorted(set(holdout_events["user_id"].unique().to_list()))
@@ -185,7 +199,8 @@ def holdout_report(
     keep = [i for i, r in enumerate(relevant) if len(r)]
     users, seen, relevant = [users[i] for i in keep], [seen[i] for i in keep], [relevant[i] for i in keep]
     n_items = len(item_ids)
-    report = {}
+    depth = max(20, k)  # Recall@20 is reported beside the @k metrics
+    tops = {}
     for name, model in models.items():
         _, own = user_sequences(mine, model.item_index, users)
         shared = [(index[item], j) for j, item in enumerate(model.item_ids) if item in index]
@@ -197,10 +212,35 @@ def holdout_report(
                 scores[:, cols] = model.score_histories(own[rows])[:, own_cols]
             return scores
 
-        report[name] = _holdout_metrics(model_scores, seen, relevant, k, n_items)
+        tops[name] = top_k_in_batches(model_scores, seen, depth, n_items)
     popularity = Popularity(everyone, n_items)
-    report["popularity"] = _holdout_metrics(lambda rows: popularity.score(seen[rows]), seen, relevant, k, n_items)
-    return report
+    tops["popularity"] = top_k_in_batches(lambda rows: popularity.score(seen[rows]), seen, depth, n_items)
+    return HoldoutRanking(users, seen, relevant, tops, n_items)
+
+
+def holdout_metrics(
+    ranking: HoldoutRanking, k: int = 10, rows: np.ndarray | None = None
+) -> dict[str, dict[str, float]]:
+    """NDCG@k, Recall@k/20, Precision@k, MAP@k, coverage and user count per method, on ``rows`` (a boolean mask or
+    indices into ``ranking.users``; all users when None)."""
+    select = np.arange(len(ranking.users)) if rows is None else np.asarray(rows)
+    if select.dtype == bool:
+        select = np.flatnonzero(select)
+    relevant = [ranking.relevant[i] for i in select]
+    return {name: _holdout_metrics(top[select], relevant, k, ranking.n_items) for name, top in ranking.tops.items()}
+
+
+def holdout_report(
+    models: dict[str, Recommender],
+    train_events: pl.DataFrame,
+    holdout_events: pl.DataFrame,
+    item_ids: list[str],
+    k: int = 10,
+    max_users: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """:func:`holdout_metrics` of :func:`rank_holdout`: each model and popularity on the holdout users."""
+    return holdout_metrics(rank_holdout(models, train_events, holdout_events, item_ids, k, max_users, seed), k)
 
 
 def top_k_in_batches(
@@ -214,11 +254,8 @@ def top_k_in_batches(
     return np.concatenate(tops)
 
 
-def _holdout_metrics(
-    score_rows: Callable[[slice], np.ndarray], seen: Histories, relevant: Histories, k: int, n_items: int
-) -> dict[str, float]:
+def _holdout_metrics(top: np.ndarray, relevant: Histories, k: int, n_items: int) -> dict[str, float]:
     k20 = max(20, k)
-    top = top_k_in_batches(score_rows, seen, k20, n_items)
     at_k, at_20 = per_user_metrics(top, relevant, k), per_user_metrics(top, relevant, k20)
     mean = lambda v: float(np.nanmean(v)) if len(v) else float("nan")  # noqa: E731
     head = top[:, :k]

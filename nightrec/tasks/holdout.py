@@ -30,8 +30,8 @@ import numpy as np
 import polars as pl
 
 from nightrec.ranking import per_user_metrics
-from nightrec.tasks.evaluate import Popularity, holdout_report, top_k_in_batches
-from nightrec.tasks.train import Recommender, user_sequences
+from nightrec.tasks.evaluate import holdout_metrics, rank_holdout
+from nightrec.tasks.train import Recommender
 
 TAIL_SHARE = 0.2
 WARM_FROM = 6
@@ -132,70 +132,15 @@ def holdout_evidence(
     max_users: int | None = None,
     seed: int = 0,
 ) -> HoldoutEvidence:
-    """Every model and popularity on the holdout users (a seeded sample of ``max_users`` of them, the same one as
-    :func:`~nightrec.tasks.evaluate.holdout_report` draws), overall and per history segment, plus per-user NDCG@k."""
-    users = sorted(set(holdout_events["user_id"].unique().to_list()))
-    if max_users is not None and len(users) > max_users:
-        users = sorted(np.random.default_rng(seed).choice(users, size=max_users, replace=False).tolist())
-    holdout_events = holdout_events.filter(pl.col("user_id").is_in(users))
-    report = holdout_report(dict(models), train_events, holdout_events, item_ids, k)
-    lengths = dict(
-        train_events.filter(pl.col("user_id").is_in(users)).group_by("user_id").len().iter_rows()
-    )  # training interactions per user
-    scored, ndcg = per_user_ndcg(models, train_events, holdout_events, item_ids, k)
-    segments = {u: history_segment(lengths.get(u, 0)) for u in scored}
+    """Every model and popularity on the holdout users (a seeded sample of ``max_users`` of them), overall and per
+    history segment, plus per-user NDCG@k; the catalogue is ranked once per model and user."""
+    ranking = rank_holdout(dict(models), train_events, holdout_events, item_ids, k, max_users, seed)
+    report = holdout_metrics(ranking, k)
+    segment_of = np.array([history_segment(len(h)) for h in ranking.seen], dtype=object)
     for segment in SEGMENTS:
-        members = [u for u in scored if segments[u] == segment]
-        if members:
-            part = holdout_report(
-                dict(models), train_events, holdout_events.filter(pl.col("user_id").is_in(members)), item_ids, k
-            )
-        else:
-            part = {name: {"users": 0.0} for name in report}
+        members = segment_of == segment
+        part = holdout_metrics(ranking, k, members) if members.any() else {name: {"users": 0.0} for name in report}
         for name, metrics in part.items():
             report[name] |= {f"{segment}_{metric}": value for metric, value in metrics.items()}
-    return HoldoutEvidence(report, ndcg, scored, segments)
-
-
-def per_user_ndcg(
-    models: Mapping[str, Recommender],
-    train_events: pl.DataFrame,
-    holdout_events: pl.DataFrame,
-    item_ids: list[str],
-    k: int = 10,
-) -> tuple[list[str], dict[str, np.ndarray]]:
-    """NDCG@k of each user of ``holdout_events`` for each model and popularity, scored as
-    :func:`~nightrec.tasks.evaluate.holdout_report` scores them (full ranking over ``item_ids``, seen items removed,
-    the users whose holdout has an item of the catalogue). Returns the users and ``name -> (n_users,)`` arrays."""
-    index = {item: i for i, item in enumerate(item_ids)}
-    users = sorted(set(holdout_events["user_id"].unique().to_list()))
-    _, everyone = user_sequences(train_events, index)
-    mine = train_events.filter(pl.col("user_id").is_in(users))
-    _, seen = user_sequences(mine, index, users)
-    _, relevant = user_sequences(holdout_events, index, users)
-    keep = [i for i, r in enumerate(relevant) if len(r)]
-    users, seen, relevant = [users[i] for i in keep], [seen[i] for i in keep], [relevant[i] for i in keep]
-    n_items = len(item_ids)
-
-    def ndcg(score_rows) -> np.ndarray:
-        # the report ranks max(20, k) items (for Recall@20); ties at the cut-off would rank differently with k alone
-        top = top_k_in_batches(score_rows, seen, max(20, k), n_items)
-        return per_user_metrics(top, relevant, k)["ndcg"]
-
-    out = {}
-    for name, model in models.items():
-        _, own = user_sequences(mine, model.item_index, users)
-        shared = [(index[item], j) for j, item in enumerate(model.item_ids) if item in index]
-        cols, own_cols = map(np.asarray, zip(*shared, strict=True)) if shared else (None, None)
-
-        def model_scores(rows: slice, own=own, model=model, cols=cols, own_cols=own_cols) -> np.ndarray:
-            # an item outside the model's catalogue can never be recommended by it
-            scores = np.full((len(own[rows]), n_items), -np.inf, dtype=np.float32)
-            if cols is not None and len(own[rows]):
-                scores[:, cols] = model.score_histories(own[rows])[:, own_cols]
-            return scores
-
-        out[name] = ndcg(model_scores)
-    popularity = Popularity(everyone, n_items)
-    out["popularity"] = ndcg(lambda rows: popularity.score(seen[rows]))
-    return users, out
+    ndcg = {name: per_user_metrics(top, ranking.relevant, k)["ndcg"] for name, top in ranking.tops.items()}
+    return HoldoutEvidence(report, ndcg, ranking.users, dict(zip(ranking.users, segment_of.tolist(), strict=True)))
