@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=Path("/tmp/nightrec-compression.png"))
     args = parser.parse_args()
 
+    from nightrec.model import TrainConfig
     from nightrec.settings import Settings
     from nightrec.sources import movielens
     from nightrec.tasks import compress, embed, train
@@ -110,7 +111,7 @@ def main() -> None:
     encoder = embed.load_encoder(Settings().embedding_model)
     text = encoder.encode(embed.item_texts(items, Settings().item_text_template), batch_size=64)
     item_ids = items["item_id"].to_list()
-    model = train.fit_recommender(train_events, item_ids, text, None, train.TrainConfig(epochs=args.epochs))
+    model = train.fit_recommender(train_events, item_ids, text, None, TrainConfig(epochs=args.epochs))
     users = sorted(data.events["user_id"].unique().to_list())
     served = model.served_vectors(train_events, users)
     print(

@@ -69,7 +69,8 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int) -> dict[str,
     import dataclasses
     import tempfile
 
-    from nightrec.tasks import evaluate, protocol, train
+    from nightrec import model as train  # the model's names moved from tasks.train to nightrec.model
+    from nightrec.tasks import evaluate, protocol
 
     item_ids = dataset.items["item_id"].to_list()
     _, seqs = train.user_sequences(dataset.events, {item: i for i, item in enumerate(item_ids)})
@@ -120,7 +121,8 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int) -> dict[str,
 
 
 def main() -> None:
-    from nightrec.tasks import protocol, train
+    from nightrec import model as train  # the model's names moved from tasks.train to nightrec.model
+    from nightrec.tasks import protocol
 
     parser = argparse.ArgumentParser()
     parser.add_argument(

@@ -30,18 +30,19 @@ def child(which: str, epochs: int | None) -> dict:
     import numpy as np
     import torch
 
+    from nightrec.model import TrainConfig, user_sequences
     from nightrec.sources import movielens
     from nightrec.tasks import evaluate, train
 
     dataset = movielens.load(DATASET)
     vectors = ml100k_vectors(dataset)
     item_ids = dataset.items["item_id"].to_list()
-    _, seqs = train.user_sequences(dataset.events, {i: n for n, i in enumerate(item_ids)})
+    _, seqs = user_sequences(dataset.events, {i: n for n, i in enumerate(item_ids)})
     torch.zeros(1) @ torch.zeros(1)  # load the kernels before the baseline
     baseline = _rss_mb()
     started = time.perf_counter()
     if which == "nightrec":
-        config = train.TrainConfig(seed=42)
+        config = TrainConfig(seed=42)
         if epochs:
             config.epochs = epochs
         model = train.fit_recommender(dataset.events, item_ids, vectors, None, config)

@@ -29,7 +29,8 @@ def run_offline_evaluation(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Encode the catalogue with the configured model, run the protocol per seed, log table, summary and plots."""
-    from nightrec.tasks import embed, protocol, train
+    from nightrec.model import TrainConfig
+    from nightrec.tasks import embed, protocol
 
     name = Path(dataset_dir).name
     dataset = load_catalogue(dataset_dir)
@@ -42,7 +43,7 @@ def run_offline_evaluation(
         encoder = embed.load_encoder(settings.embedding_model, settings.embedding_max_length, settings.embedding_device)
         texts = embed.item_texts(dataset.items, settings.item_text_template)
         vectors = encoder.encode(texts, batch_size=settings.embedding_batch_size)
-        config = train.TrainConfig()
+        config = TrainConfig()
         if epochs or settings.train_epochs:
             config.epochs = epochs or settings.train_epochs
         tracking.log_params(

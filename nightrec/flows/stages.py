@@ -173,6 +173,7 @@ def embed_users(run_date: dt.date, parent_run_id: str) -> dict:
 
 def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
     """Content key of everything training reads: events before the date, the catalogue, settings, champion, code."""
+    import nightrec.model as model_package
     import nightrec.tasks.holdout as holdout_module
     import nightrec.tasks.train as train_module
 
@@ -185,8 +186,11 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
             digest.update(lake.events_partition_sha256(day).encode())
     if lake.items_file.exists():
         digest.update(hashlib.sha256(lake.items_file.read_bytes()).digest())
-    for module in (train_module, holdout_module):  # the code version (the holdout rule decides what trains)
-        digest.update(Path(module.__file__).read_bytes())
+    # The code version: the training loop, the model it trains and saves, and the holdout rule that decides what trains.
+    model_root = Path(model_package.__file__).parent
+    code = [Path(train_module.__file__), Path(holdout_module.__file__), *sorted(model_root.rglob("*.py"))]
+    for path in code:
+        digest.update(path.read_bytes())
     for value in (
         run_date,
         settings.holdout_days,
@@ -223,6 +227,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
 
     Cached by the content of its inputs (a re-run of a night after a later stage failed skips training)."""
     from nightrec.flows import plots
+    from nightrec.model import TrainConfig
     from nightrec.tasks import embed, train
 
     with _Stage(parent_run_id, "train") as st:
@@ -231,7 +236,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
         train_events, holdout = split.train, split.holdout
         item_ids = st.lake.read_items()["item_id"].to_list()
         text = embed.load_item_embeddings(st.lake, st.settings, item_ids)
-        config = train.TrainConfig(seed=st.settings.seed, max_users_per_epoch=st.settings.train_max_users_per_epoch)
+        config = TrainConfig(seed=st.settings.seed, max_users_per_epoch=st.settings.train_max_users_per_epoch)
         if st.settings.train_epochs:
             config.epochs = st.settings.train_epochs
         init_from = Path(champion_dir) if champion_dir and st.settings.warm_start else None
@@ -276,9 +281,10 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
     The gate (:func:`nightrec.storage.registry.gate_paired`) decides on a paired bootstrap of per-user NDCG@10 over
     at least ``gate_min_users`` holdout users; metrics per history segment are logged beside the overall ones."""
     from nightrec.flows import plots
+    from nightrec.model import Recommender
     from nightrec.storage import registry
     from nightrec.tasks import holdout as holdout_task
-    from nightrec.tasks import pyfunc_model, train
+    from nightrec.tasks import pyfunc_model
 
     with _Stage(parent_run_id, "evaluate-and-gate") as st:
         name = st.settings.registered_model
@@ -286,9 +292,9 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
         split = night_split(st.settings, events, run_date)
         champion = registry.champion(st.client, name)
         champion_weights = pyfunc_model.recommender_dir(champion.path) if champion is not None else None
-        models = {"model": train.Recommender.load(Path(model_dir))}
+        models = {"model": Recommender.load(Path(model_dir))}
         if champion_weights is not None:
-            models["champion"] = train.Recommender.load(champion_weights)
+            models["champion"] = Recommender.load(champion_weights)
         report: dict[str, dict[str, float]] = {}
         ndcg: dict = {}
         new_ndcg = float("nan")
@@ -378,12 +384,13 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
 @task(name="compress-and-index", **RETRY)
 def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
     """Served vectors for every known user, compressed within the quality tolerance, and a recall-checked index."""
+    from nightrec.model import Recommender
     from nightrec.storage.vectors import save_served_vectors
-    from nightrec.tasks import compress, index, train
+    from nightrec.tasks import compress, index
 
     with _Stage(parent_run_id, "compress-and-index") as st:
         gate = read_state(Path(workdir), "gate")
-        recommender = train.Recommender.load(Path(gate["serving_model_dir"]))
+        recommender = Recommender.load(Path(gate["serving_model_dir"]))
         events = night_events(st.lake, run_date)
         users = known_users(st.lake, events)
         full = recommender.served_vectors(events, users)

@@ -13,8 +13,9 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from nightrec.model import Recommender, TrainConfig, user_sequences
 from nightrec.ranking import per_user_metrics, top_k_unseen
-from nightrec.tasks.train import Recommender, TrainConfig, fit_recommender, user_sequences
+from nightrec.tasks.train import fit_recommender
 
 Histories = list[np.ndarray]
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
+from nightrec.model import Recommender
 from nightrec.ranking import per_user_metrics
 from nightrec.tasks.evaluate import holdout_metrics, rank_holdout
-from nightrec.tasks.train import Recommender
 
 TAIL_SHARE = 0.2
 WARM_FROM = 6

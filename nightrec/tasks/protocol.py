@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nightrec.model import TrainConfig, user_sequences
 from nightrec.ranking import per_user_metrics, top_k_unseen
 from nightrec.tasks.evaluate import ALS, EASE, Histories, ItemKNN, Popularity, TextOnly, fit_nightrec
-from nightrec.tasks.train import TrainConfig, user_sequences
 
 COLD_KS = (1, 3, 5)
 COLD_SHARE = 0.2

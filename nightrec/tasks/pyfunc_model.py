@@ -24,7 +24,7 @@ class HistoryRecommender(PythonModel):
     """Top-k unseen items for each input history, scored by the meta-trained model (adapted on that history)."""
 
     def load_context(self, context) -> None:
-        from nightrec.tasks.train import Recommender
+        from nightrec.model import Recommender
 
         self.recommender = Recommender.load(Path(context.artifacts[ARTIFACT]))
 

@@ -8,8 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+from nightrec.model import TrainConfig
 from nightrec.tasks import evaluate
-from nightrec.tasks.train import TrainConfig, fit_recommender
+from nightrec.tasks.train import fit_recommender
 
 
 def events(rows: list[tuple[str, str]]) -> pl.DataFrame:

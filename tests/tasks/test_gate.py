@@ -8,9 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from nightrec.model import TrainConfig
 from nightrec.storage import registry
 from nightrec.tasks import holdout
-from nightrec.tasks.train import TrainConfig, fit_recommender
+from nightrec.tasks.train import fit_recommender
 
 RUN = dt.date(2026, 4, 1)
 MIN = 200

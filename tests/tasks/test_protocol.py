@@ -6,9 +6,9 @@ import numpy as np
 import polars as pl
 import pytest
 
+from nightrec.model import TrainConfig
 from nightrec.sources.movielens import Dataset
 from nightrec.tasks import protocol
-from nightrec.tasks.train import TrainConfig
 
 
 def test_chronological_split_keeps_cold_users_out_of_training():

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from nightrec.model import TrainConfig
 from nightrec.tasks import pyfunc_model
-from nightrec.tasks.train import TrainConfig, fit_recommender
+from nightrec.tasks.train import fit_recommender
 from tests.tasks.test_train import ITEM_IDS, TEXT, checkerboard_events
 
 

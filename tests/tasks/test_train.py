@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 import torch
 
-from nightrec.tasks.train import Recommender, TrainConfig, fit_recommender, support_loss, user_sequences
+from nightrec.model import Recommender, TrainConfig, user_sequences
+from nightrec.tasks.train import fit_recommender, support_loss
 
 N_BLOCKS, BLOCK = 2, 10  # items 0-9 are block A, 10-19 block B
 
@@ -133,13 +134,13 @@ def test_short_histories_are_served_by_the_cold_model(tmp_path):
 
 def test_serving_pools_by_gather_with_the_sums_training_uses(trained):
     """Serving pools history rows with a gather; training with a dense product. The same user vectors either way."""
-    from nightrec.tasks import train
+    from nightrec.model import pad_histories
 
     histories = [np.array([3, 1, 4, 1, 5]), np.array([12]), np.array([], dtype=np.int64), np.arange(20)]
     served = trained.user_matrix(histories)
     model = trained.model
     with torch.enable_grad():  # the training path (dense products)
         assert torch.is_grad_enabled()
-        support, mask = train.pad_histories(histories, trained.config.max_history)
+        support, mask = pad_histories(histories, trained.config.max_history)
         vectors, _, _ = model.user_vectors(trained.text, support, mask)
     np.testing.assert_allclose(served[:, :-1], vectors.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,163 @@
+"""A trained :class:`MetaRecModel` with its catalogue (:class:`Recommender`): scores, served vectors, save/load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+
+from nightrec.model.config import TrainConfig, cold_config
+from nightrec.model.network import MetaRecModel
+from nightrec.model.sequences import pad_histories, user_sequences
+from nightrec.storage import atomic
+from nightrec.storage.vectors import ServedVectors
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Recommender:
+    """A trained :class:`MetaRecModel` with its catalogue: scores, served vectors, save/load."""
+
+    model: MetaRecModel
+    item_ids: list[str]
+    item_text_vectors: np.ndarray
+    config: TrainConfig
+    meta: dict = field(default_factory=dict)
+    cold_model: MetaRecModel | None = None  # serves users with fewer than config.cold_below interactions
+
+    def __post_init__(self) -> None:
+        self.item_index = {item: i for i, item in enumerate(self.item_ids)}
+        self.model.eval()
+        if self.cold_model is not None:
+            self.cold_model.eval()
+
+    @property
+    def text(self) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.item_text_vectors, dtype=np.float32))
+
+    @torch.inference_mode()
+    def item_matrix(self) -> np.ndarray:
+        """(n_items, dim + 1) item vectors, bias as the last column; the cold model's block appended when present."""
+        blocks = []
+        for model in self._models():
+            out, bias, _ = model.item_tables(self.text)
+            blocks += [out, bias.unsqueeze(1)]
+        return torch.cat(blocks, dim=1).numpy().astype(np.float32)
+
+    def _models(self) -> list[MetaRecModel]:
+        return [self.model] if self.cold_model is None else [self.model, self.cold_model]
+
+    @torch.inference_mode()
+    def _adapted(
+        self, model: MetaRecModel, histories: list[np.ndarray], profiles: np.ndarray | None, batch: int
+    ) -> torch.Tensor:
+        out, bias, hist = model.item_tables(self.text)
+        rows = [torch.zeros(0, model.config.dim)]
+        for start in range(0, len(histories), batch):
+            support, mask = pad_histories(histories[start : start + batch], self.config.max_history)
+            prof = None if profiles is None else torch.from_numpy(profiles[start : start + batch].astype(np.float32))
+            u0 = model.prior_vectors(hist, support, mask, prof)
+            rows.append(torch.cat([model.adapt(u0, out, bias, support, mask), torch.ones(len(u0), 1)], dim=1))
+        return torch.cat(rows[1:]) if len(rows) > 1 else torch.zeros(0, model.config.dim + 1)
+
+    def user_matrix(
+        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, batch: int = 1024
+    ) -> np.ndarray:
+        """Adapted user vectors with a trailing 1 (the bias dimension); with a cold model, a user gets the warm block
+        or the cold block (the other one zero) by the length of their history."""
+        if self.cold_model is None:
+            return self._adapted(self.model, histories, profiles, batch).numpy().astype(np.float32)
+        # Each user is adapted by the one model that serves them (adapting costs O(catalogue) per user).
+        short = np.array([len(h) < self.config.cold_below for h in histories], dtype=bool)
+        warm_dim = self.model.config.dim + 1
+        both = np.zeros((len(histories), warm_dim + self.cold_model.config.dim + 1), dtype=np.float32)
+        for model, rows, columns in (
+            (self.model, np.flatnonzero(~short), slice(0, warm_dim)),
+            (self.cold_model, np.flatnonzero(short), slice(warm_dim, None)),
+        ):
+            if len(rows):
+                own = None if profiles is None else profiles[rows]
+                both[rows, columns] = self._adapted(model, [histories[i] for i in rows], own, batch).numpy()
+        return both
+
+    def score_histories(self, histories: list[np.ndarray], profiles: np.ndarray | None = None) -> np.ndarray:
+        """(n_users, n_items) scores for users given their item-index histories (time order)."""
+        return self.user_matrix(histories, profiles) @ self.item_matrix().T
+
+    def served_vectors(
+        self,
+        events: pl.DataFrame,
+        user_ids: list[str],
+        user_profile_vectors: dict[str, np.ndarray] | None = None,
+    ) -> ServedVectors:
+        """Every user's adapted vector from their history in ``events`` (a user with no events gets the prior)."""
+        users, histories = user_sequences(events, self.item_index, user_ids)
+        profiles = self._profile_matrix(users, user_profile_vectors)
+        return ServedVectors(
+            user_ids=users,
+            user_matrix=self.user_matrix(histories, profiles),
+            item_ids=list(self.item_ids),
+            item_matrix=self.item_matrix(),
+            meta={"model": "nightrec-metarec", "dim": self.item_matrix().shape[1], "bias_folded": True, **self.meta},
+        )
+
+    def _profile_matrix(self, users: list[str], vectors: dict[str, np.ndarray] | None) -> np.ndarray | None:
+        if self.model.profile is None or not vectors:
+            return None
+        dim = self.model.profile.in_features
+        return np.stack([np.asarray(vectors.get(u, np.zeros(dim)), dtype=np.float32) for u in users])
+
+    # --- persistence (safetensors + json, no pickle) ------------------------------------------------------------
+    def save(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        if self.cold_model is not None:
+            tensors |= {f"cold_model.{k}": v.detach().contiguous() for k, v in self.cold_model.state_dict().items()}
+        tensors["item_text_vectors"] = torch.from_numpy(np.ascontiguousarray(self.item_text_vectors, np.float32))
+        with atomic.staged_path(folder / "model.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        profile_dim = None if self.model.profile is None else self.model.profile.in_features
+        atomic.write_json_atomic(
+            folder / "model.json",
+            {
+                "format_version": FORMAT_VERSION,
+                "config": self.config.to_dict(),
+                "item_ids": list(self.item_ids),
+                "profile_dim": profile_dim,
+                "meta": self.meta,
+            },
+        )
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> Recommender:
+        folder = Path(folder)
+        header = json.loads((folder / "model.json").read_text())
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{folder}: model format {header.get('format_version')} != {FORMAT_VERSION}")
+        tensors = load_file(str(folder / "model.safetensors"))
+        config = TrainConfig.from_dict(header["config"])
+        text = tensors.pop("item_text_vectors").numpy()
+        model = MetaRecModel(len(header["item_ids"]), text.shape[1], config, header.get("profile_dim"))
+        cold_state = {k.removeprefix("cold_model."): v for k, v in tensors.items() if k.startswith("cold_model.")}
+        model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+        cold_model = None
+        if cold_state:
+            cold = cold_config(config)
+            cold_model = MetaRecModel(len(header["item_ids"]), text.shape[1], cold, header.get("profile_dim"))
+            cold_model.load_state_dict(cold_state)
+        return cls(
+            model=model,
+            item_ids=header["item_ids"],
+            item_text_vectors=text,
+            config=config,
+            meta=header["meta"],
+            cold_model=cold_model,
+        )
