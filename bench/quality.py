@@ -69,13 +69,13 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int) -> dict[str,
     import dataclasses
     import tempfile
 
-    from nightrec import model as train  # the model's names moved from tasks.train to nightrec.model
+    from nightrec import model
     from nightrec.tasks import evaluate, protocol
 
     item_ids = dataset.items["item_id"].to_list()
-    _, seqs = train.user_sequences(dataset.events, {item: i for i, item in enumerate(item_ids)})
+    _, seqs = model.user_sequences(dataset.events, {item: i for i, item in enumerate(item_ids)})
     split = protocol.chronological_split([s for s in seqs if len(s)], seed)
-    base = train.TrainConfig(seed=seed, epochs=epochs)
+    base = model.TrainConfig(seed=seed, epochs=epochs)
     rows: dict[str, dict] = {}
 
     def run(name: str, config, histories=None, ids=item_ids, text=vectors, **kw):
@@ -121,7 +121,7 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int) -> dict[str,
 
 
 def main() -> None:
-    from nightrec import model as train  # the model's names moved from tasks.train to nightrec.model
+    from nightrec import model
     from nightrec.tasks import protocol
 
     parser = argparse.ArgumentParser()
@@ -136,14 +136,14 @@ def main() -> None:
     dataset = load(args.dataset)
     vectors = item_vectors(dataset)
     if args.ablations:
-        rows = ablations(dataset, vectors, args.seeds[0], args.epochs or train.TrainConfig().epochs)
+        rows = ablations(dataset, vectors, args.seeds[0], args.epochs or model.TrainConfig().epochs)
         columns = list(next(iter(rows.values())))
         print("| variant | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
         for name, values in rows.items():
             print(f"| {name} | " + " | ".join(str(values[c]) for c in columns) + " |")
         print(json.dumps(rows))
         return
-    config = train.TrainConfig()
+    config = model.TrainConfig()
     if args.epochs:
         config.epochs = args.epochs
     started = time.perf_counter()

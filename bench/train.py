@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import DATASET, ml100k_vectors  # noqa: E402
+from quality import item_vectors, load  # noqa: E402
 
 
 def _rss_mb() -> float:
@@ -31,11 +31,10 @@ def child(which: str, epochs: int | None) -> dict:
     import torch
 
     from nightrec.model import TrainConfig, user_sequences
-    from nightrec.sources import movielens
     from nightrec.tasks import evaluate, train
 
-    dataset = movielens.load(DATASET)
-    vectors = ml100k_vectors(dataset)
+    dataset = load("movielens-100k")
+    vectors = item_vectors(dataset)
     item_ids = dataset.items["item_id"].to_list()
     _, seqs = user_sequences(dataset.events, {i: n for n, i in enumerate(item_ids)})
     torch.zeros(1) @ torch.zeros(1)  # load the kernels before the baseline
