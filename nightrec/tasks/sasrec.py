@@ -221,7 +221,20 @@ class SASRec:
         return float(np.nanmean(per_user_metrics(top, relevant, 10)["ndcg"]))
 
 
-DEFAULT_GRID = tuple({"hidden": 64, "dropout": d, "max_len": m} for d in (0.2, 0.5) for m in (50, 200))
+def default_grid(n_users: int) -> list[dict]:
+    """hidden 64 (the recipe's), dropout {0.2, 0.5}, max_len {50, 100}, at most 100 early-stopped epochs.
+
+    The batch size gives at least ~24 optimiser steps per epoch (a power of two in [16, 128]): with 128 a small
+    catalogue such as MovieLens-100K (~750 training users) gets 6 steps an epoch and is still under-trained after 60
+    epochs, while batch 32 early-stops near epoch 25 at a higher validation NDCG. max_len 200 took twice the time of
+    50 on MovieLens-100K (median training history ~40 items) and scored no better, so the grid stops at 100.
+    """
+    batch = int(np.clip(2 ** round(np.log2(max(n_users, 1) / 24)), 16, 128))
+    return [
+        {"hidden": 64, "dropout": d, "max_len": m, "batch_size": batch, "epochs": 100}
+        for d in (0.2, 0.5)
+        for m in (50, 100)
+    ]
 
 
 def tune_sasrec(
@@ -241,7 +254,7 @@ def tune_sasrec(
     number of epochs: ``SASRec(split.train, n_items, seed=seed, **params)``.
     """
     best_value, best = -1.0, None
-    for params in grid or DEFAULT_GRID:
+    for params in grid or default_grid(len(train)):
         model = SASRec(train, n_items, validation=validation, **{"seed": seed, "threads": threads, **params})
         value = max((v for _, v in model.history), default=model.validation_ndcg(*validation))
         log(
