@@ -206,7 +206,7 @@ def tune_peers(
     inner_train, hist, rel = split.validation
     grids = {
         "itemknn": [{"neighbours": n} for n in (20, 50, 100, 200, None)],
-        "ease": [{"lam": lam} for lam in (10.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0)],
+        "ease": [{"lam": lam} for lam in (10.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0, 6400.0, 12800.0)],
         "als": [
             {"factors": f, "regularization": r, "alpha": a, "seed": seed}
             for f in (32, 64, 128)
