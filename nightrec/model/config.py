@@ -34,6 +34,12 @@ class TrainConfig:
     # users with fewer interactions are served by a second, text + bias model (no ID tables), which ML-100K shows is
     # the better cold-start model; 0 turns it off
     cold_below: int = 6
+    # a popularity prior in the score, its weight one scalar per history-length bucket (0, 1, ..., 5, 6-10, 11-20,
+    # 21+), fitted on a seeded share of the users held out of meta-training (calibration users), so that users with
+    # short histories are served at least as well as popularity would serve them (nightrec.tasks.train)
+    popularity_prior: bool = True
+    calibration_share: float = 0.1
+    calibration_max_users: int = 2000
     seed: int = 42
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 

@@ -17,7 +17,23 @@ from nightrec.model.sequences import pad_histories, user_sequences
 from nightrec.storage import atomic
 from nightrec.storage.vectors import ServedVectors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the popularity prior is additive: a version-1 file without it loads with no prior
+# Lower bounds of the history-length buckets of the popularity prior: n = 0, 1, 2, 3, 4, 5, 6-10, 11-20, 21+.
+POPULARITY_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 11, 21)
+
+
+def history_bucket(lengths) -> np.ndarray:
+    """Bucket index (into :data:`POPULARITY_BUCKETS`) of each history length."""
+    return np.searchsorted(POPULARITY_BUCKETS, np.asarray(lengths, dtype=np.int64), side="right") - 1
+
+
+def bucket_key(bucket: int) -> str:
+    """A bucket's name in metric keys: ``n0`` .. ``n5``, ``n6_10``, ``n11_20``, ``n21up``."""
+    lo = POPULARITY_BUCKETS[bucket]
+    if bucket + 1 == len(POPULARITY_BUCKETS):
+        return f"n{lo}up"
+    hi = POPULARITY_BUCKETS[bucket + 1] - 1
+    return f"n{lo}" if hi == lo else f"n{lo}_{hi}"
 
 
 @dataclass
@@ -30,6 +46,11 @@ class Recommender:
     config: TrainConfig
     meta: dict = field(default_factory=dict)
     cold_model: MetaRecModel | None = None  # serves users with fewer than config.cold_below interactions
+    # The popularity prior: scores gain ``beta[bucket(len(history))] * popularity[i]``, ``popularity`` being
+    # log(1 + training count) per item and ``beta`` one weight per :data:`POPULARITY_BUCKETS` bucket, fitted on
+    # calibration users (nightrec.tasks.train). None: no prior (a model saved before it existed).
+    popularity: np.ndarray | None = None
+    popularity_beta: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
@@ -41,14 +62,38 @@ class Recommender:
     def text(self) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.item_text_vectors, dtype=np.float32))
 
+    @property
+    def has_prior(self) -> bool:
+        return self.popularity is not None and self.popularity_beta is not None
+
+    def prior_weights(self, lengths) -> np.ndarray:
+        """The popularity prior's weight for users with these history lengths (0 without a prior)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if not self.has_prior:
+            return np.zeros(len(lengths), dtype=np.float32)
+        return np.asarray(self.popularity_beta, dtype=np.float32)[history_bucket(lengths)]
+
     @torch.inference_mode()
-    def item_matrix(self) -> np.ndarray:
-        """(n_items, dim + 1) item vectors, bias as the last column; the cold model's block appended when present."""
+    def item_matrix(self, prior: bool = True) -> np.ndarray:
+        """(n_items, dim + 1) item vectors, bias as the last column; the cold model's block appended when present.
+
+        With a popularity prior (and ``prior``), a last column of log(1 + training count), and a zero column when
+        needed to keep the width even (product quantisers split the width in 2 or 4)."""
         blocks = []
         for model in self._models():
             out, bias, _ = model.item_tables(self.text)
             blocks += [out, bias.unsqueeze(1)]
-        return torch.cat(blocks, dim=1).numpy().astype(np.float32)
+        matrix = torch.cat(blocks, dim=1).numpy().astype(np.float32)
+        if prior and self.has_prior:
+            matrix = self._with_prior_column(matrix, np.asarray(self.popularity, dtype=np.float32))
+        return matrix
+
+    @staticmethod
+    def _with_prior_column(matrix: np.ndarray, column: np.ndarray) -> np.ndarray:
+        pad = (matrix.shape[1] + 1) % 2
+        extra = np.zeros((matrix.shape[0], 1 + pad), dtype=np.float32)
+        extra[:, 0] = column
+        return np.concatenate([matrix, extra], axis=1)
 
     def _models(self) -> list[MetaRecModel]:
         return [self.model] if self.cold_model is None else [self.model, self.cold_model]
@@ -67,10 +112,18 @@ class Recommender:
         return torch.cat(rows[1:]) if len(rows) > 1 else torch.zeros(0, model.config.dim + 1)
 
     def user_matrix(
-        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, batch: int = 1024
+        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, batch: int = 1024, prior: bool = True
     ) -> np.ndarray:
         """Adapted user vectors with a trailing 1 (the bias dimension); with a cold model, a user gets the warm block
-        or the cold block (the other one zero) by the length of their history."""
+        or the cold block (the other one zero) by the length of their history. With a popularity prior (and
+        ``prior``), a last column holding the prior's weight for the user's history length (see :meth:`item_matrix`).
+        """
+        matrix = self._user_blocks(histories, profiles, batch)
+        if prior and self.has_prior:
+            matrix = self._with_prior_column(matrix, self.prior_weights([len(h) for h in histories]))
+        return matrix
+
+    def _user_blocks(self, histories: list[np.ndarray], profiles: np.ndarray | None, batch: int) -> np.ndarray:
         if self.cold_model is None:
             return self._adapted(self.model, histories, profiles, batch).numpy().astype(np.float32)
         # Each user is adapted by the one model that serves them (adapting costs O(catalogue) per user).
@@ -86,9 +139,11 @@ class Recommender:
                 both[rows, columns] = self._adapted(model, [histories[i] for i in rows], own, batch).numpy()
         return both
 
-    def score_histories(self, histories: list[np.ndarray], profiles: np.ndarray | None = None) -> np.ndarray:
+    def score_histories(
+        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, prior: bool = True
+    ) -> np.ndarray:
         """(n_users, n_items) scores for users given their item-index histories (time order)."""
-        return self.user_matrix(histories, profiles) @ self.item_matrix().T
+        return self.user_matrix(histories, profiles, prior=prior) @ self.item_matrix(prior=prior).T
 
     def served_vectors(
         self,
@@ -99,12 +154,19 @@ class Recommender:
         """Every user's adapted vector from their history in ``events`` (a user with no events gets the prior)."""
         users, histories = user_sequences(events, self.item_index, user_ids)
         profiles = self._profile_matrix(users, user_profile_vectors)
+        items = self.item_matrix()
         return ServedVectors(
             user_ids=users,
             user_matrix=self.user_matrix(histories, profiles),
             item_ids=list(self.item_ids),
-            item_matrix=self.item_matrix(),
-            meta={"model": "nightrec-metarec", "dim": self.item_matrix().shape[1], "bias_folded": True, **self.meta},
+            item_matrix=items,
+            meta={
+                "model": "nightrec-metarec",
+                "dim": items.shape[1],
+                "bias_folded": True,
+                "popularity_prior": self.has_prior,
+                **self.meta,
+            },
         )
 
     def _profile_matrix(self, users: list[str], vectors: dict[str, np.ndarray] | None) -> np.ndarray | None:
@@ -121,6 +183,9 @@ class Recommender:
         if self.cold_model is not None:
             tensors |= {f"cold_model.{k}": v.detach().contiguous() for k, v in self.cold_model.state_dict().items()}
         tensors["item_text_vectors"] = torch.from_numpy(np.ascontiguousarray(self.item_text_vectors, np.float32))
+        if self.has_prior:
+            tensors["popularity"] = torch.from_numpy(np.ascontiguousarray(self.popularity, np.float32))
+            tensors["popularity_beta"] = torch.from_numpy(np.ascontiguousarray(self.popularity_beta, np.float32))
         with atomic.staged_path(folder / "model.safetensors") as tmp:
             save_file(tensors, str(tmp))
         profile_dim = None if self.model.profile is None else self.model.profile.in_features
@@ -131,6 +196,7 @@ class Recommender:
                 "config": self.config.to_dict(),
                 "item_ids": list(self.item_ids),
                 "profile_dim": profile_dim,
+                "popularity_buckets": list(POPULARITY_BUCKETS) if self.has_prior else None,
                 "meta": self.meta,
             },
         )
@@ -145,6 +211,10 @@ class Recommender:
         tensors = load_file(str(folder / "model.safetensors"))
         config = TrainConfig.from_dict(header["config"])
         text = tensors.pop("item_text_vectors").numpy()
+        popularity, beta = tensors.pop("popularity", None), tensors.pop("popularity_beta", None)
+        buckets = header.get("popularity_buckets")
+        if beta is not None and buckets is not None and tuple(buckets) != POPULARITY_BUCKETS:
+            raise ValueError(f"{folder}: popularity buckets {buckets} != {list(POPULARITY_BUCKETS)}")
         model = MetaRecModel(len(header["item_ids"]), text.shape[1], config, header.get("profile_dim"))
         cold_state = {k.removeprefix("cold_model."): v for k, v in tensors.items() if k.startswith("cold_model.")}
         model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
@@ -160,4 +230,6 @@ class Recommender:
             config=config,
             meta=header["meta"],
             cold_model=cold_model,
+            popularity=None if popularity is None else popularity.numpy(),
+            popularity_beta=None if beta is None else beta.numpy(),
         )

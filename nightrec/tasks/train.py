@@ -14,6 +14,15 @@ import torch
 
 from nightrec.model import MetaRecModel, Recommender, TrainConfig, pad_histories, user_sequences
 from nightrec.model.config import cold_config
+from nightrec.model.recommender import POPULARITY_BUCKETS, bucket_key, history_bucket
+from nightrec.ranking import per_user_metrics, top_k_unseen
+
+# Popularity prior weights tried per bucket, in units of (median per-user std of the model's scores) / std(p): 0 is
+# the model alone, 64 is popularity with the model breaking its ties.
+PRIOR_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
+PRIOR_MIN_USERS = 20  # a bucket with fewer calibration users takes the next shorter bucket's weight (same model)
+PRIOR_COLD_QUERY = 50  # short buckets: history = first n interactions, target = the next up to 50 (the protocol's)
+PRIOR_WARM_SHARE = 0.8  # longer buckets: history = the first 80 %, target = the rest
 
 
 def _sample_tasks(lengths: np.ndarray, config: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +128,8 @@ def fit_recommender(
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
+        if config.popularity_prior:
+            return _fit_with_prior(events, item_ids, item_text_vectors, user_profile_vectors, config, init_from)
         return _fit(events, item_ids, item_text_vectors, user_profile_vectors, config, init_from)
     finally:
         torch.set_num_threads(threads_before)  # the caller's setting, not ours, outlives the call
@@ -210,6 +221,110 @@ def _fit(
         meta=meta,
         cold_model=cold_model,
     )
+
+
+def _fit_with_prior(
+    events: pl.DataFrame,
+    item_ids: list[str],
+    item_text_vectors: np.ndarray,
+    user_profile_vectors: dict[str, np.ndarray] | None,
+    config: TrainConfig,
+    init_from: Path | None,
+) -> Recommender:
+    """Meta-train without a seeded share of the users (calibration users), then fit the popularity prior's weight per
+    history-length bucket on them: their histories cut to each bucket's length, the rest of them the target."""
+    item_index = {item: i for i, item in enumerate(item_ids)}
+    users, seqs = user_sequences(events, item_index)
+    eligible = np.flatnonzero([len(s) >= 2 for s in seqs])
+    n_cal = min(config.calibration_max_users, int(round(len(eligible) * config.calibration_share)))
+    if n_cal < PRIOR_MIN_USERS:
+        recommender = _fit(events, item_ids, item_text_vectors, user_profile_vectors, config, init_from)
+        recommender.meta["popularity_calibration_users"] = 0  # too few users to fit it on: no prior
+        return recommender
+    chosen = np.sort(np.random.default_rng([config.seed, 31]).choice(eligible, size=n_cal, replace=False))
+    is_cal = np.zeros(len(seqs), dtype=bool)
+    is_cal[chosen] = True
+    cal_users = [users[i] for i in chosen]
+    train_events = events.filter(~pl.col("user_id").is_in(cal_users))
+    recommender = _fit(train_events, item_ids, item_text_vectors, user_profile_vectors, config, init_from)
+    n_items = len(item_ids)
+    rest = [s for s, c in zip(seqs, is_cal, strict=True) if not c]
+    fit_counts = np.bincount(np.concatenate(rest) if rest else np.zeros(0, np.int64), minlength=n_items)
+    profiles = recommender._profile_matrix(cal_users, user_profile_vectors)
+    beta, info = _calibrate_prior(recommender, [seqs[i] for i in chosen], np.log1p(fit_counts), profiles)
+    all_counts = np.bincount(np.concatenate(seqs) if seqs else np.zeros(0, np.int64), minlength=n_items)
+    recommender.popularity = np.log1p(all_counts).astype(np.float32)  # served: every training user's counts
+    recommender.popularity_beta = beta
+    recommender.meta.update({"popularity_calibration_users": n_cal, **info})
+    return recommender
+
+
+def _prior_cases(seqs: list[np.ndarray]) -> dict[int, tuple[list[np.ndarray], list[np.ndarray], list[int]]]:
+    """Bucket -> (histories, targets, user rows) of the calibration users: the one-length buckets (n = 0..5) cut
+    each user at n, the longer ones at 80 % of the user's history (the bucket of that length)."""
+    last = len(POPULARITY_BUCKETS) - 1
+    single = {b for b in range(last) if POPULARITY_BUCKETS[b + 1] == POPULARITY_BUCKETS[b] + 1}
+    cases: dict[int, tuple[list, list, list]] = {b: ([], [], []) for b in range(len(POPULARITY_BUCKETS))}
+    for row, s in enumerate(seqs):
+        for b in sorted(single):
+            n = POPULARITY_BUCKETS[b]
+            if len(s) > n:
+                cases[b][0].append(s[:n])
+                cases[b][1].append(s[n : n + PRIOR_COLD_QUERY])
+                cases[b][2].append(row)
+        cut = max(1, int(np.floor(len(s) * PRIOR_WARM_SHARE)))
+        b = int(history_bucket([cut])[0])
+        if b not in single and cut < len(s):
+            cases[b][0].append(s[:cut])
+            cases[b][1].append(s[cut:])
+            cases[b][2].append(row)
+    return cases
+
+
+def _calibrate_prior(
+    recommender: Recommender,
+    seqs: list[np.ndarray],
+    popularity: np.ndarray,
+    profiles: np.ndarray | None,
+    batch: int = 512,
+) -> tuple[np.ndarray, dict]:
+    """One weight per bucket from :data:`PRIOR_GRID` (times a scale that makes ``popularity`` comparable with the
+    model's scores), by the calibration users' NDCG@20 (one-length buckets, n <= 5) or NDCG@10 (longer ones)."""
+    config = recommender.config
+    spread = float(popularity.std())
+    beta = np.zeros(len(POPULARITY_BUCKETS), dtype=np.float32)
+    info: dict = {}
+
+    def served_by_cold(b: int) -> bool:
+        return recommender.cold_model is not None and POPULARITY_BUCKETS[b] < config.cold_below
+
+    for b, (hist, target, owner) in _prior_cases(seqs).items():
+        name = bucket_key(b)
+        if len(hist) < PRIOR_MIN_USERS or spread == 0:
+            # too few users to fit on: the shorter bucket's weight where the same model serves both, else none
+            same_model = b > 0 and served_by_cold(b) == served_by_cold(b - 1)
+            beta[b] = beta[b - 1] if same_model and spread > 0 else 0.0
+            info[f"popularity_beta_{name}"] = float(beta[b])
+            continue
+        short = POPULARITY_BUCKETS[b] < 6
+        k = 20 if short else 10
+        ndcg = np.zeros(len(PRIOR_GRID))
+        scale = None
+        for start in range(0, len(hist), batch):
+            h, t = hist[start : start + batch], target[start : start + batch]
+            prof = None if profiles is None else profiles[owner[start : start + batch]]
+            scores = recommender.score_histories(h, prof, prior=False)
+            if scale is None:  # from the first batch: the median user's score spread, per unit of popularity spread
+                scale = float(np.median(scores.std(axis=1))) / spread
+            for g, weight in enumerate(PRIOR_GRID):
+                top = top_k_unseen(scores + (weight * scale) * popularity[None, :], h, k)
+                ndcg[g] += np.nansum(per_user_metrics(top, t, k)["ndcg"])
+        best = int(np.argmax(ndcg))  # the first, smallest weight on a tie
+        beta[b] = PRIOR_GRID[best] * scale
+        info[f"popularity_beta_{name}"] = float(beta[b])
+        info[f"popularity_weight_{name}"] = float(PRIOR_GRID[best])  # in units of the scale
+        info[f"popularity_gain_{name}"] = float((ndcg[best] - ndcg[0]) / len(hist))  # calibration NDCG it adds
+    return beta, info
 
 
 def support_loss(recommender: Recommender, histories: list[np.ndarray], steps: int) -> float:
