@@ -23,8 +23,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("NIGHTREC_DATASETS", REPO.parent / "shared" / "datasets"))
 CACHE = REPO / "tmp" / ".cache"
-# "The demo generator at a larger size": 1.5 times the demo night's users and events.
-DEMO = {"users": 3000, "items": 3000, "events": 180_000, "seed": 7}
 TEMPLATE = "{title}. Genres: {genres}. {description}"  # Settings().item_text_template's default
 
 
@@ -33,7 +31,7 @@ def load(name: str):
     if name == "demo":
         from nightrec.sources import demo
 
-        return demo.dataset(demo.DemoSpec(**DEMO))
+        return demo.dataset()  # demo.PROTOCOL_SPEC: 1.5 times the demo night
     from nightrec.sources import load_dataset
 
     folder = Path(name) if Path(name).is_dir() else DATASETS / name

@@ -11,11 +11,11 @@ from nightrec.storage import tracking
 
 
 def load_catalogue(source: Path | str):
-    """A dataset folder (MovieLens or Amazon 2018 layout) or ``demo`` (the generator at 1.5 times the demo night's size)."""
+    """A dataset folder (MovieLens or Amazon 2018 layout) or ``demo`` (``demo.PROTOCOL_SPEC``)."""
     if str(source) == "demo":
         from nightrec.sources import demo
 
-        return demo.dataset(demo.DemoSpec(users=3000, items=3000, events=180_000))
+        return demo.dataset()
     from nightrec.sources import load_dataset
 
     return load_dataset(Path(source))
