@@ -96,6 +96,13 @@ class Settings(BaseSettings):
         default=10_000, gt=0, description="Holdout users the compression search measures on (seeded); None = all."
     )
     reasons_per_item: int = Field(default=3, ge=0, description="History items listed as reasons per recommendation.")
+    max_unexplained_share: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=1.0,
+        description="Users with history but no item the served model knows get lists without reasons (counted as "
+        "users_without_reasons); above this share of users the night fails instead of publishing.",
+    )
     seed: int = 42
     train_epochs: int | None = Field(
         default=None, gt=0, description="Override the trainer's epoch count (tests, quick runs)."

@@ -21,6 +21,7 @@ from nightrec.settings import Settings
 from nightrec.storage import tracking
 from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import Lake
+from nightrec.tasks.catalogue import MISSING_METRICS
 from nightrec.tasks.pyfunc_model import recommender_dir
 
 KEEP_WORK_FOLDERS = 3  # nights whose work folders (model, vectors, index) stay on disk for inspection
@@ -86,6 +87,8 @@ def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.Sh
         if not Path(summary["train"]["model_dir"]).is_dir():
             # A cached result whose model folder was pruned since (old nights' folders are removed): train again.
             summary["train"] = stages.train_model.with_options(refresh_cache=True)(*train_args)
+        # On the parent at once (a cached train logs nothing), so a night that fails later still shows them.
+        tracking.log_metrics(client, parent, {k: summary["train"].get(k, 0) for k in MISSING_METRICS})
         failpoint("after:train")
         summary["gate"] = stages.evaluate_and_gate(day, parent, str(workdir), summary["train"]["model_dir"])
         failpoint("after:evaluate-and-gate")
@@ -108,6 +111,7 @@ def _report(settings: Settings, client, exp: str, parent: str, summary: dict) ->
     gate = summary["gate"]
     headline = {f"{m}_{k}": v for m, metrics in gate["holdout"].items() for k, v in metrics.items()}
     headline.update({"users_published": summary["publish"].get("users", 0), "promoted": int(gate["promoted"])})
+    headline["users_without_reasons"] = summary["publish"].get("users_without_reasons", 0)
     tracking.log_metrics(client, parent, headline)
     client.set_tag(parent, "nightrec.model_version", str(gate["model_version"]))
     tracking.log_dict(client, parent, summary, "summary.json")
@@ -159,7 +163,7 @@ def _sample_lists(settings: Settings, users: int = 5, k: int = 10) -> dict[str, 
             rows["user_id"].append(rec["user_id"])
             rows["rank"].append(rec["rank"])
             rows["item_id"].append(rec["item_id"])
-            rows["title"].append(titles.get(rec["item_id"], ""))
+            rows["title"].append(titles.get(rec["item_id"], rec["item_id"]))  # not in the catalogue (yet): its id
             rows["score"].append(round(float(rec["score"]), 4))
             rows["because"].append("; ".join(r["title"] or r["item_id"] for r in rec["reasons"][:3]))
     return rows

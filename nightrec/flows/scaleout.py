@@ -226,8 +226,8 @@ def publish_lists(plan: ShardPlan | None, run_date: dt.date, parent_run_id: str,
         shutil.rmtree(Path(workdir) / "lists", ignore_errors=True)  # a re-run of the stage leaves no stale part
         shard_stats = plan.run(publish_shard, plan.ranges(run_date=run_date, workdir=workdir))
         parts = [list_part(workdir, shard, plan.shards) for shard in range(plan.shards)]
-        user_ids = load_served_vectors(Path(workdir) / "vectors").user_ids
+        served = load_served_vectors(Path(workdir) / "vectors")
         history = stages.night_events(st.lake, run_date)
         batches = publish.read_list_parts(parts)
-        stats = stages.publish_checked(st, run_date, Path(workdir), batches, history, user_ids)
+        stats = stages.publish_checked(st, run_date, Path(workdir), batches, history, served.user_ids, served.item_ids)
         return {**stats, "shards": plan.shards, "workers": _workers(shard_stats)}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from nightrec.settings import Settings
@@ -174,6 +174,7 @@ def embed_users(run_date: dt.date, parent_run_id: str) -> dict:
 def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
     """Content key of everything training reads: events before the date, the catalogue, settings, champion, code."""
     import nightrec.model as model_package
+    import nightrec.tasks.catalogue as catalogue_module
     import nightrec.tasks.holdout as holdout_module
     import nightrec.tasks.train as train_module
 
@@ -186,9 +187,15 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
             digest.update(lake.events_partition_sha256(day).encode())
     if lake.items_file.exists():
         digest.update(hashlib.sha256(lake.items_file.read_bytes()).digest())
-    # The code version: the training loop, the model it trains and saves, and the holdout rule that decides what trains.
+    # The code version: the training loop, the model it trains and saves, the holdout rule that decides what trains
+    # and the rule that decides which items it trains over.
     model_root = Path(model_package.__file__).parent
-    code = [Path(train_module.__file__), Path(holdout_module.__file__), *sorted(model_root.rglob("*.py"))]
+    code = [
+        Path(train_module.__file__),
+        Path(holdout_module.__file__),
+        Path(catalogue_module.__file__),
+        *sorted(model_root.rglob("*.py")),
+    ]
     for path in code:
         digest.update(path.read_bytes())
     for value in (
@@ -228,14 +235,21 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
     Cached by the content of its inputs (a re-run of a night after a later stage failed skips training)."""
     from nightrec.flows import plots
     from nightrec.model import TrainConfig
-    from nightrec.tasks import embed, train
+    from nightrec.tasks import catalogue, train
 
     with _Stage(parent_run_id, "train") as st:
         events = night_events(st.lake, run_date)
         split = night_split(st.settings, events, run_date)
         train_events, holdout = split.train, split.holdout
-        item_ids = st.lake.read_items()["item_id"].to_list()
-        text = embed.load_item_embeddings(st.lake, st.settings, item_ids)
+        items = catalogue.night_items(st.lake, st.settings, events)
+        item_ids, text = items.item_ids, items.text_vectors
+        if items.missing:
+            get_run_logger().warning(
+                "%d item(s) named by %d event(s) are missing from the catalogue; they train by id, e.g. %s",
+                len(items.missing),
+                items.missing_events,
+                items.missing[:5],
+            )
         config = TrainConfig(seed=st.settings.seed, max_users_per_epoch=st.settings.train_max_users_per_epoch)
         if st.settings.train_epochs:
             config.epochs = st.settings.train_epochs
@@ -268,6 +282,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
             "train_events": train_events.height,
             "holdout_events": holdout.height,
             "items": len(item_ids),
+            **items.stats(),
             **{k: v for k, v in recommender.meta.items() if isinstance(v, int | float)},
         }
         st.metrics(stats)
@@ -283,13 +298,15 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
     from nightrec.flows import plots
     from nightrec.model import Recommender
     from nightrec.storage import registry
+    from nightrec.tasks import catalogue, pyfunc_model
     from nightrec.tasks import holdout as holdout_task
-    from nightrec.tasks import pyfunc_model
 
     with _Stage(parent_run_id, "evaluate-and-gate") as st:
         name = st.settings.registered_model
         events = night_events(st.lake, run_date)
         split = night_split(st.settings, events, run_date)
+        # Full ranking over the night's items: a champion trained before an item reached the logs cannot rank it.
+        item_ids, _ = catalogue.night_item_ids(st.lake.read_items(), events)
         champion = registry.champion(st.client, name)
         champion_weights = pyfunc_model.recommender_dir(champion.path) if champion is not None else None
         models = {"model": Recommender.load(Path(model_dir))}
@@ -303,7 +320,7 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
                 models,
                 split.train,
                 split.holdout,
-                models["model"].item_ids,
+                item_ids,
                 10,
                 st.settings.eval_max_users,
                 st.settings.seed,
@@ -386,7 +403,7 @@ def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> d
     """Served vectors for every known user, compressed within the quality tolerance, and a recall-checked index."""
     from nightrec.model import Recommender
     from nightrec.storage.vectors import save_served_vectors
-    from nightrec.tasks import compress, index
+    from nightrec.tasks import catalogue, compress, index
 
     with _Stage(parent_run_id, "compress-and-index") as st:
         gate = read_state(Path(workdir), "gate")
@@ -394,6 +411,11 @@ def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> d
         events = night_events(st.lake, run_date)
         users = known_users(st.lake, events)
         full = recommender.served_vectors(events, users)
+        # Night items the served model lacks (a champion older than them): not recommendable tonight, and a user
+        # whose history holds only such items gets a list without reasons (counted by publish).
+        item_ids, _ = catalogue.night_item_ids(st.lake.read_items(), events)
+        served = set(full.item_ids)
+        st.metrics({"items_not_served": sum(item not in served for item in item_ids)})
         full.meta.update({"model_version": gate["model_version"], "embedding_model": st.settings.embedding_model})
         chosen, codec = full, "Flat"
         split = night_split(st.settings, events, run_date)
@@ -437,7 +459,7 @@ def publish_lists(run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
         vectors = load_served_vectors(Path(workdir) / "vectors")
         history = night_events(st.lake, run_date)
         batches = night_lists(st.settings, st.lake, run_date, Path(workdir), vectors, history)
-        return publish_checked(st, run_date, Path(workdir), batches, history, vectors.user_ids)
+        return publish_checked(st, run_date, Path(workdir), batches, history, vectors.user_ids, vectors.item_ids)
 
 
 def night_lists(
@@ -451,10 +473,10 @@ def night_lists(
     shards: int = 1,
 ):
     """Record batches of the night's lists for the users of range ``shard`` of ``shards``."""
-    from nightrec.tasks import publish
+    from nightrec.tasks import catalogue, publish
 
     gate = read_state(workdir, "gate")
-    items = lake.read_items()
+    items = catalogue.night_catalogue(lake.read_items(), history)  # titles for items the catalogue lacks: their ids
     exclude = None
     if settings.exclude_unavailable:
         exclude = set(items.filter(pl.col("available").eq(False))["item_id"].to_list())
@@ -473,24 +495,53 @@ def night_lists(
 
 
 def publish_checked(
-    st: _Stage, run_date: dt.date, workdir: Path, batches, history: pl.DataFrame, user_ids: list[str]
+    st: _Stage,
+    run_date: dt.date,
+    workdir: Path,
+    batches,
+    history: pl.DataFrame,
+    user_ids: list[str],
+    item_ids: list[str],
 ) -> dict:
     """Write ``batches`` as the date's lists, read the written file back and check it, user range by user range,
-    and only then publish it (one atomic swap, then LATEST): lists that fail the checker are never published."""
+    and only then publish it (one atomic swap, then LATEST): lists that fail the checker are never published.
+
+    ``item_ids`` are the served items (what reasons can cite). Users whose history holds none of them get lists
+    without reasons: counted (``users_without_reasons``) and logged, failing the night only above
+    ``max_unexplained_share`` of the users."""
     from nightrec.storage import publication
     from nightrec.tasks import publish
 
     gate = read_state(workdir, "gate")
     pointer = {"date": run_date.isoformat(), "mlflow_run_id": st.parent_run_id, "model_version": gate["model_version"]}
+    counted: dict = {}
 
     def check(path: Path) -> None:
         in_range = functools.partial(publication.read_user_range, path)
-        problems = publish.check_lists(in_range, history, user_ids, st.settings.top_k)
-        st.metrics({"problems": len(problems)})
-        if problems:
-            raise ListsCheckError(f"lists for {run_date} failed the checker, not published: {problems[:5]}")
+        result = publish.check_lists(
+            in_range,
+            history,
+            user_ids,
+            st.settings.top_k,
+            explainable=item_ids,
+            max_unexplained_share=st.settings.max_unexplained_share,
+        )
+        counted["users_without_reasons"] = result.unexplained_users
+        st.metrics({"problems": len(result.problems), "users_without_reasons": result.unexplained_users})
+        if result.problems:
+            raise ListsCheckError(f"lists for {run_date} failed the checker, not published: {result.problems[:5]}")
+        if result.unexplained_users:
+            get_run_logger().warning(
+                "%d of %d users (%.2f%%, allowed up to %.2f%%) have history but none of it is known to the served "
+                "model: their lists have no reasons, e.g. %s",
+                result.unexplained_users,
+                result.users,
+                100 * result.unexplained_share,
+                100 * st.settings.max_unexplained_share,
+                result.unexplained_examples,
+            )
 
-    stats = publication.publish(st.lake, run_date, batches, pointer, check=check)
+    stats = {**publication.publish(st.lake, run_date, batches, pointer, check=check), **counted}
     st.metrics(stats)
     return stats
 

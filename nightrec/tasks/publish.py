@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -195,10 +196,11 @@ def _reason_space(vectors: ServedVectors) -> np.ndarray:
 
 
 def _titles(items: pl.DataFrame, item_ids: list[str]) -> pa.Array:
+    """Each item's catalogue title; an item the catalogue lacks (it lags the logs) is titled by its id."""
     lookup = pl.DataFrame({"item_id": item_ids}).join(
         items.select("item_id", "title").unique("item_id", keep="last"), on="item_id", how="left", maintain_order="left"
     )
-    return lookup["title"].to_arrow().cast(pa.string())
+    return lookup.select(pl.col("title").fill_null(pl.col("item_id")))["title"].to_arrow().cast(pa.string())
 
 
 def _reasons(
@@ -294,6 +296,26 @@ def _batch(
 ListsInRange = Callable[[str | None, str | None], pa.Table]
 
 
+@dataclass(frozen=True)
+class ListsCheck:
+    """What :func:`check_lists` found. ``problems`` mean the lists are wrong (empty = publishable);
+    ``unexplained_users`` (with up to 3 examples) have history but none of it is an item the model can cite, so their
+    lists carry no reasons: a per-user degradation, a problem only above ``max_unexplained_share`` of ``users``."""
+
+    problems: list[str]
+    users: int
+    unexplained_users: int = 0
+    unexplained_examples: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def unexplained_share(self) -> float:
+        return self.unexplained_users / self.users if self.users else 0.0
+
+
 def check_lists(
     lists: pa.Table | ListsInRange,
     history: pl.DataFrame,
@@ -301,13 +323,21 @@ def check_lists(
     k: int,
     *,
     catalogue: list[str] | None = None,
+    explainable: list[str] | None = None,
+    max_unexplained_share: float = 0.05,
     chunk_users: int = 10_000,
-) -> list[str]:
-    """Problems with published lists (empty = fine): every user present, ranks 1..k without gaps, no seen items, no
-    duplicates, reasons present (for users with history) and drawn from the user's history, scores non-increasing.
+) -> ListsCheck:
+    """Problems with published lists (none = fine): every user present, ranks 1..k without gaps, no seen items, no
+    duplicates, reasons present (for users with history the model can explain) and drawn from the user's history,
+    scores non-increasing.
 
     Without ``catalogue`` every list must have exactly k items; with it (the recommendable items), exactly
     min(k, unseen catalogue items) and only catalogue items.
+
+    ``explainable`` are the items reasons can cite (the served model's items; None = every item). A user whose
+    history holds none of them (say every item they touched is newer than the served model) cannot get reasons: such
+    users are counted, not failed, unless they are more than ``max_unexplained_share`` of the users. A user with an
+    explainable history item and a row without reasons is a problem.
 
     Every check is about one user's rows, so users are checked ``chunk_users`` at a time (ranges of user ids): the
     joins and the exploded reasons hold one chunk, not the night (at 0.1x, 5M rows peaked at 7.4 GB checked whole,
@@ -316,14 +346,27 @@ def check_lists(
     :func:`nightrec.storage.publication.read_user_range`, so that the whole night is never in memory at once.
     """
     found: dict[str, tuple[int, list]] = {}
+    unexplained: dict[str, tuple[int, list]] = {}
     in_range_of = lists if callable(lists) else _table_ranges(lists)
     users = sorted(set(user_ids))
+    cite = None if explainable is None else pl.DataFrame({"item_id": list(explainable)}, schema={"item_id": pl.String})
     bounds = [None, *users[chunk_users::chunk_users], None]  # lo inclusive, hi exclusive; the ends are open
     for chunk, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         rows = pl.from_arrow(in_range_of(lo, hi).select(_CHECKED))
         mine = users[chunk * chunk_users : (chunk + 1) * chunk_users]
-        _check_chunk(found, rows, history.filter(_user_range(lo, hi)), mine, k, catalogue)
-    return [f"{count} {what}, e.g. {examples}" for what, (count, examples) in found.items()]
+        _check_chunk(found, unexplained, rows, history.filter(_user_range(lo, hi)), mine, k, catalogue, cite)
+    count, examples = unexplained.get(_UNEXPLAINED, (0, []))
+    problems = [f"{n} {what}, e.g. {ex}" for what, (n, ex) in found.items()]
+    if users and count / len(users) > max_unexplained_share:
+        problems.append(
+            f"{count} of {len(users)} users ({count / len(users):.1%}) have history but none of it is an item the "
+            f"model can explain, so their lists have no reasons: above max_unexplained_share="
+            f"{max_unexplained_share:g} (NIGHTREC_MAX_UNEXPLAINED_SHARE), e.g. {examples}"
+        )
+    return ListsCheck(problems, len(users), count, examples)
+
+
+_UNEXPLAINED = "users with history but no explainable item"
 
 
 _CHECKED = ["user_id", "rank", "item_id", "score", "reasons"]
@@ -345,7 +388,14 @@ def _table_ranges(table: pa.Table) -> ListsInRange:
 
 
 def _check_chunk(
-    problems: dict, lists: pl.DataFrame, history: pl.DataFrame, user_ids: list[str], k: int, catalogue: list[str] | None
+    problems: dict,
+    unexplained: dict,
+    lists: pl.DataFrame,
+    history: pl.DataFrame,
+    user_ids: list[str],
+    k: int,
+    catalogue: list[str] | None,
+    explainable: pl.DataFrame | None,
 ) -> None:
     seen = history.select("user_id", "item_id").unique()
     expected = pl.DataFrame({"user_id": list(user_ids)}).unique()
@@ -388,11 +438,19 @@ def _check_chunk(
         problems, lists.join(seen, on=["user_id", "item_id"], how="semi"), "already-seen items recommended", "user_id"
     )
 
-    has_history = lists.join(seen.select("user_id").unique(), on="user_id", how="semi")
+    historied = seen.select("user_id").unique()
+    explained = historied if explainable is None else seen.join(explainable, on="item_id", how="semi")
+    explained = explained.select("user_id").unique()
     _problem(
         problems,
-        has_history.filter(pl.col("reasons").list.len() == 0),
-        "rows without reasons (user has history)",
+        lists.join(explained, on="user_id", how="semi").filter(pl.col("reasons").list.len() == 0),
+        "rows without reasons (user has history the model can explain)",
+        "user_id",
+    )
+    _problem(
+        unexplained,
+        historied.join(expected, on="user_id", how="semi").join(explained, on="user_id", how="anti").sort("user_id"),
+        _UNEXPLAINED,
         "user_id",
     )
     reasons = (

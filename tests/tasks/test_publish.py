@@ -99,7 +99,7 @@ def test_lists_match_brute_force_and_pass_the_checker(tmp_path):
     recommendable = [i for i in vectors.item_ids if i not in exclude]
     before = publish.history_before(history, RUN)
     assert before.height == history.height - 1  # the event on the run date is not history
-    assert publish.check_lists(table, before, vectors.user_ids, K, catalogue=recommendable) == []
+    assert publish.check_lists(table, before, vectors.user_ids, K, catalogue=recommendable).problems == []
     expected = brute_force(vectors, history, K, exclude)
     got = pl.from_arrow(table).sort("user_id", "rank").group_by("user_id", maintain_order=True).agg("item_id")
     assert dict(got.iter_rows()) == expected
@@ -135,16 +135,16 @@ def test_user_who_has_seen_nearly_everything_gets_what_is_left(tmp_path):
     before = publish.history_before(history, RUN)
     unseen = set(vectors.item_ids) - set(before.filter(pl.col("user_id") == "u002")["item_id"]) - {"i059"}
     assert set(left["item_id"]) == unseen and len(unseen) < K
-    problems = publish.check_lists(table, before, vectors.user_ids, K)
+    problems = publish.check_lists(table, before, vectors.user_ids, K).problems
     assert problems and "u002" in problems[0]  # exactly k required without a catalogue
     recommendable = [i for i in vectors.item_ids if i != "i059"]
-    assert publish.check_lists(table, before, vectors.user_ids, K, catalogue=recommendable) == []
+    assert publish.check_lists(table, before, vectors.user_ids, K, catalogue=recommendable).problems == []
 
 
 def test_approximate_index_queries_deeper_until_k_unseen(tmp_path):
     vectors, history, items = world(n_users=60, n_items=400, seed=1)
     table = build(tmp_path, vectors, history, items, exact_max_items=100, batch_users=16)
-    assert publish.check_lists(table, publish.history_before(history, RUN), vectors.user_ids, K) == []
+    assert publish.check_lists(table, publish.history_before(history, RUN), vectors.user_ids, K).problems == []
     expected = brute_force(vectors, history, K)
     got = dict(
         pl.from_arrow(table).sort("user_id", "rank").group_by("user_id", maintain_order=True).agg("item_id").iter_rows()
@@ -157,7 +157,7 @@ def test_checker_finds_each_kind_of_problem(tmp_path):
     vectors, history, items = world()
     before = publish.history_before(history, RUN)
     good = pl.from_arrow(build(tmp_path, vectors, history, items))
-    check = lambda frame: publish.check_lists(frame.to_arrow(), before, vectors.user_ids, K)  # noqa: E731
+    check = lambda frame: publish.check_lists(frame.to_arrow(), before, vectors.user_ids, K).problems  # noqa: E731
     user = "u010"
     seen_item = before.filter(pl.col("user_id") == user)["item_id"][0]
     first = (pl.col("user_id") == user) & (pl.col("rank") == 1)
@@ -189,7 +189,7 @@ def test_checker_finds_each_kind_of_problem(tmp_path):
         assert any(what in p for p in problems), (what, problems)
         assert any(user in p for p in problems), (what, problems)
         # checked a few users at a time (as on a million users), the same problems are found and counted
-        chunked = publish.check_lists(frame.to_arrow(), before, vectors.user_ids, K, chunk_users=7)
+        chunked = publish.check_lists(frame.to_arrow(), before, vectors.user_ids, K, chunk_users=7).problems
         assert sorted(p.split(", e.g.")[0] for p in chunked) == sorted(p.split(", e.g.")[0] for p in problems)
         assert any(user in p for p in chunked)
         # read back from a file one user range at a time (how the publish stage checks a night): the same problems
@@ -197,10 +197,12 @@ def test_checker_finds_each_kind_of_problem(tmp_path):
         pq.write_table(frame.sort("user_id", "rank").to_arrow(), path, row_group_size=40)
         streamed = publish.check_lists(
             functools.partial(publication.read_user_range, path), before, vectors.user_ids, K, chunk_users=7
-        )
+        ).problems
         assert streamed == chunked
     extra = good.filter(pl.col("user_id") == "u001").with_columns(pl.lit("zz-stranger").alias("user_id"))
-    stranger = publish.check_lists(pl.concat([good, extra]).to_arrow(), before, vectors.user_ids, K, chunk_users=7)
+    stranger = publish.check_lists(
+        pl.concat([good, extra]).to_arrow(), before, vectors.user_ids, K, chunk_users=7
+    ).problems
     assert any("not in the known-user list" in p and "zz-stranger" in p for p in stranger)  # past the last range
 
 
@@ -281,7 +283,7 @@ def test_movielens_lists_for_every_user_pass_the_checker(movielens_100k, tmp_pat
     stats = publication.publish(lake, run_date, batches, {"mlflow_run_id": "r", "model_version": "1"})
     assert stats["users"] == 943 and stats["rows"] == 943 * 50
     _, table = publication.read_latest(lake)
-    assert publish.check_lists(table, data.events, user_ids, 50) == []
+    assert publish.check_lists(table, data.events, user_ids, 50).problems == []
     one = publication.read_user_list(lake, user_ids[0])
     assert one["rank"].to_list() == list(range(1, 51)) and one["reasons"].list.len().min() >= 1
     assert all(r["title"] for reasons in one["reasons"].to_list() for r in reasons)
