@@ -383,16 +383,16 @@ class SeedsResult:
             best = max(scored, key=lambda p: self.mean_std(p, metric)[0])
             ratio, spread = self.ratio(metric, best, method)
             entry = {
-                method: round(self.mean_std(method, metric)[0], 4),
+                method: _round(self.mean_std(method, metric)[0], 4),
                 "best_peer": best,
-                "best_peer_value": round(self.mean_std(best, metric)[0], 4),
-                "ratio": round(ratio, 3),
-                "ratio_std": round(spread, 3),
+                "best_peer_value": _round(self.mean_std(best, metric)[0], 4),
+                "ratio": _round(ratio, 3),
+                "ratio_std": _round(spread, 3),
                 "verdict": _verdict(ratio, spread),
             }
-            if "popularity" in scored and best != "popularity":
-                pop, pop_spread = self.ratio(metric, "popularity", method)
-                entry |= {"vs_popularity": round(pop, 3), "vs_popularity_std": round(pop_spread, 3)}
+            pop, pop_spread = self.ratio(metric, "popularity", method) if "popularity" in scored else (math.nan,) * 2
+            if best != "popularity" and math.isfinite(pop):
+                entry |= {"vs_popularity": _round(pop, 3), "vs_popularity_std": _round(pop_spread, 3)}
             out[metric] = entry
         return out
 
@@ -417,9 +417,10 @@ class SeedsResult:
         ]
         for metric, e in self.summary(method).items():
             pop = f"{e['vs_popularity']:.3f} ± {e['vs_popularity_std']:.3f}" if "vs_popularity" in e else "—"
+            ratio = "—" if e["ratio"] is None else f"{e['ratio']:.3f} ± {e['ratio_std']:.3f}"
             lines.append(
                 f"| {_label(metric)} | {e[method]:.4f} | {e['best_peer']} {e['best_peer_value']:.4f} | "
-                f"{e['ratio']:.3f} ± {e['ratio_std']:.3f} | {e['verdict']} | {pop} |"
+                f"{ratio} | {e['verdict']} | {pop} |"
             )
         return "\n".join(lines)
 
@@ -472,6 +473,11 @@ class SeedsResult:
         plt.close(fig)
         figures["ndcg_by_history"] = fig
         return figures
+
+
+def _round(value: float, digits: int) -> float | None:
+    """Rounded, or None for NaN (the summary is JSON, which has no NaN)."""
+    return round(value, digits) if math.isfinite(value) else None
 
 
 def _verdict(ratio: float, spread: float) -> str:

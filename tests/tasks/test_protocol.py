@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -98,6 +100,7 @@ def test_seed_summary_makes_a_claim_only_where_the_interval_clears_it():
     assert noisy.summary()["warm_ndcg_at_10"]["verdict"] == "within noise"
     zero = _result({"nightrec": [0.0, 0.0, 0.0], "ease": [0.0, 0.0, 0.0]})
     assert zero.summary()["warm_ndcg_at_10"]["verdict"].startswith("undefined")
+    json.dumps(zero.summary(), allow_nan=False)  # the bench's last line is strict JSON: no NaN
     assert "0.3000 ± 0.0100" in clear.to_markdown()
 
 
