@@ -206,6 +206,84 @@ def test_checker_finds_each_kind_of_problem(tmp_path):
     assert any("not in the known-user list" in p and "zz-stranger" in p for p in stranger)  # past the last range
 
 
+def _unexplainable(history: pl.DataFrame, users: list[str]) -> pl.DataFrame:
+    """``history`` with each of ``users``' items swapped for one the served vectors lack (newer than the model)."""
+    mine = pl.col("user_id").is_in(users)
+    return history.with_columns(
+        pl.when(mine).then(pl.lit("new-") + pl.col("item_id")).otherwise("item_id").alias("item_id")
+    )
+
+
+def test_users_the_model_cannot_explain_are_counted_not_failed_up_to_the_share(tmp_path):
+    vectors, history, items = world()  # 40 known users
+    odd = ["u005", "u017"]
+    history = _unexplainable(history, odd)
+    before = publish.history_before(history, RUN)
+    table = build(tmp_path, vectors, history, items)
+    lists = pl.from_arrow(table)
+    assert lists.filter(pl.col("user_id").is_in(odd))["reasons"].list.len().max() == 0
+    assert lists.filter(~pl.col("user_id").is_in(odd + ["u000"]))["reasons"].list.len().min() >= 1
+
+    result = publish.check_lists(
+        table, before, vectors.user_ids, K, catalogue=vectors.item_ids, explainable=vectors.item_ids, chunk_users=7
+    )
+    assert result.ok and result.problems == []
+    assert (result.unexplained_users, result.users, result.unexplained_examples) == (2, 40, odd)
+    assert result.unexplained_share == 0.05  # at the default limit, not above it
+
+    strict = publish.check_lists(
+        table,
+        before,
+        vectors.user_ids,
+        K,
+        catalogue=vectors.item_ids,
+        explainable=vectors.item_ids,
+        max_unexplained_share=0.04,
+    )
+    assert not strict.ok and len(strict.problems) == 1
+    assert "2 of 40 users (5.0%)" in strict.problems[0] and "max_unexplained_share=0.04" in strict.problems[0]
+    assert "u005" in strict.problems[0]
+
+    # Without the served items the checker cannot tell: every reasonless row of a user with history is a problem.
+    unknown = publish.check_lists(table, before, vectors.user_ids, K)
+    assert any("rows without reasons" in p and "u005" in p for p in unknown.problems)
+
+
+def test_lists_that_are_wrong_still_fail_beside_unexplained_users(tmp_path):
+    vectors, history, items = world()
+    history = _unexplainable(history, ["u005"])
+    before = publish.history_before(history, RUN)
+    good = pl.from_arrow(build(tmp_path, vectors, history, items))
+    seen_item = before.filter(pl.col("user_id") == "u010")["item_id"][0]
+    first = (pl.col("user_id") == "u010") & (pl.col("rank") == 1)
+    cases = {
+        "already-seen items recommended": good.with_columns(
+            pl.when(first).then(pl.lit(seen_item)).otherwise("item_id").alias("item_id")
+        ),
+        # u010's history is one the model knows: its reasons must be there
+        "rows without reasons (user has history the model can explain)": good.with_columns(
+            pl.when(first).then(pl.lit([], dtype=good.schema["reasons"])).otherwise("reasons").alias("reasons")
+        ),
+        "users without a list": good.filter(pl.col("user_id") != "u010"),
+    }
+    for what, frame in cases.items():
+        result = publish.check_lists(
+            frame.to_arrow(), before, vectors.user_ids, K, catalogue=vectors.item_ids, explainable=vectors.item_ids
+        )
+        assert any(what in p for p in result.problems), (what, result.problems)
+        assert all("u005" not in p for p in result.problems) and result.unexplained_users == 1
+
+
+def test_reasons_for_items_the_catalogue_lacks_are_titled_by_id(tmp_path):
+    vectors, history, items = world()
+    lagging = items.filter(~pl.col("item_id").is_in(["i003", "i004"]))  # their catalogue rows have not landed yet
+    table = pl.from_arrow(build(tmp_path, vectors, history, lagging))
+    titles = {r["item_id"]: r["title"] for reasons in table["reasons"].to_list() for r in reasons if r is not None}
+    cited = {i for i in ("i003", "i004") if i in titles}
+    assert cited, "the fixture should cite i003 or i004 as a reason"
+    assert all(titles[i] == i for i in cited) and titles.get("i000", "Title i000") == "Title i000"
+
+
 def ndcg_next_item(vectors: ServedVectors, history: pl.DataFrame, holdout: dict[str, str]) -> float:
     lists = brute_force(vectors, history, 10)
     gains = [1.0 / np.log2(lists[u].index(item) + 2) if item in lists[u] else 0.0 for u, item in holdout.items()]
