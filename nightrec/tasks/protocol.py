@@ -25,6 +25,7 @@ import numpy as np
 
 from nightrec.model import TrainConfig, user_sequences
 from nightrec.ranking import per_user_metrics, top_k_unseen
+from nightrec.tasks.catalogue import night_item_ids
 from nightrec.tasks.evaluate import ALS, EASE, Histories, ItemKNN, Popularity, TextOnly, fit_nightrec
 
 COLD_KS = (1, 3, 5)
@@ -307,13 +308,18 @@ def run_protocol(
     """The DESIGN.md protocol on ``dataset`` (events, items) for one seed: nightrec and the peers, same splits."""
     log = progress or (lambda _msg: None)
     config = config or TrainConfig(seed=seed)
-    item_ids = dataset.items["item_id"].to_list()
+    # Items the logs name but the catalogue lacks are trained and ranked by id, as a night does (tasks/catalogue.py).
+    item_ids, missing = night_item_ids(dataset.items, dataset.events)
     n_items = len(item_ids)
+    has_text = np.arange(n_items) < n_items - len(missing)
+    if missing:
+        pad = np.zeros((len(missing), item_text_vectors.shape[1]), dtype=item_text_vectors.dtype)
+        item_text_vectors = np.vstack([item_text_vectors, pad])
     _, seqs = user_sequences(dataset.events, {item: i for i, item in enumerate(item_ids)})
     seqs = [s for s in seqs if len(s)]
-    info: dict = {"users": len(seqs), "items": n_items, "seed": seed}
+    info: dict = {"users": len(seqs), "items": n_items, "items_missing_from_catalogue": len(missing), "seed": seed}
 
-    cold_items = pick_cold_items(seqs, n_items, seed, cold_item_share) if cold_item_share else None
+    cold_items = pick_cold_items(seqs, n_items, seed, cold_item_share, has_text) if cold_item_share else None
     split = chronological_split(seqs, seed, cold_items=cold_items)
     started = time.perf_counter()
     params = tune_peers(split, n_items, seed, log, peers)

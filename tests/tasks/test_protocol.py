@@ -131,3 +131,14 @@ def test_protocol_over_seeds_reports_every_segment_and_sasrec_finds_the_sequence
     assert summary["warm_ndcg_at_10"]["best_peer"] == "sasrec"
     assert result.mean_std("sasrec", "warm_ndcg_at_10")[0] > 2 * result.mean_std("popularity", "warm_ndcg_at_10")[0]
     assert set(result.by_history()["sasrec"]) >= {"new, 0", "new, 1"}
+
+
+def test_items_missing_from_the_catalogue_are_ranked_by_id_and_never_cold():
+    dataset = _sequential_dataset(n_users=60, n_items=12)
+    catalogue = dataset.items.filter(pl.col("item_id") != "i3")  # the logs name i3, the catalogue lags
+    lagging = Dataset(events=dataset.events, items=catalogue, users=None)
+    text = np.random.default_rng(0).normal(size=(11, 8)).astype(np.float32)
+    config = TrainConfig(dim=8, epochs=1, batch_users=32, threads=1, popularity_prior=False)
+    result = protocol.run_protocol(lagging, text, config, seed=0, peers=("popularity",), cold_item_share=0.5)
+    assert result.info["items"] == 12 and result.info["items_missing_from_catalogue"] == 1
+    assert result.info["cold_items"] == 6  # half of the 11 items with text, never the one without
