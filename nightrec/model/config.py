@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass
 
+PRIORS = ("pooled", "sequence")
+
 
 @dataclass
 class TrainConfig:
@@ -26,6 +28,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     id_l2: float = 1e-5  # L2 on the ID tables, per batch: keeps rarely-seen items from overfitting
     max_history: int = 256  # most recent interactions a user's vector is built from
+    # the user prior: "pooled" (mean + recency-weighted mean of the history, FISM-like, order-free) or "sequence"
+    # (a causal pre-LN transformer over the ordered history, positions counted from the newest item, the state at
+    # the newest position), both followed by the Meta-SGD inner steps
+    prior: str = "pooled"
+    seq_blocks: int = 2
+    seq_heads: int = 1
+    seq_max_len: int = 50  # most recent items the sequence prior reads (the inner steps still read max_history)
+    # weight of the sequence prior's dense next-item loss (every support position predicts the next support item,
+    # full softmax over the catalogue; skipped on sampled-softmax catalogues); 0 turns it off
+    seq_aux_weight: float = 0.0
     max_query: int = 50
     cold_support_share: float = 0.5  # share of tasks whose support is 1-5 interactions
     sampled_softmax_above: int = 50_000  # catalogues larger than this train with sampled softmax
@@ -46,13 +58,19 @@ class TrainConfig:
     seed: int = 42
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 
+    def __post_init__(self) -> None:
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior {self.prior!r} is not one of {PRIORS}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, payload: dict) -> TrainConfig:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in payload.items() if k in known})
+        values = {k: v for k, v in payload.items() if k in known}
+        values.setdefault("prior", "pooled")  # saved before the sequence prior existed: the pooled prior
+        return cls(**values)
 
 
 def cold_config(config: TrainConfig) -> TrainConfig:

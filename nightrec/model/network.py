@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nightrec.model.config import TrainConfig
@@ -23,6 +24,37 @@ def _pool(index: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> to
     # Serving and evaluation: a gather reads B x L rows instead of multiplying through the whole catalogue, which
     # made pooling 3 of the 5 catalogue-sized products per user (same sums, in another order).
     return torch.bmm(weights.unsqueeze(1).to(table.dtype), table[index]).squeeze(1)
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + FFN(LN(x)) (as in SASRec)."""
+
+    def __init__(self, d: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.p = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        b, length, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.p if self.training else 0.0
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)
+        x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, length, d)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+def right_aligned(support: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's newest ``length`` items of a left-aligned (B, L) batch, right-aligned: column ``length - 1`` is the
+    newest item, column ``length - 1 - a`` the one ``a`` steps older; (indices, valid) of shape (B, length)."""
+    count = mask.sum(1, keepdim=True)
+    source = count - length + torch.arange(length).unsqueeze(0)  # (B, length) column in the left-aligned batch
+    valid = source >= 0
+    seq = support.gather(1, source.clamp(min=0, max=max(support.shape[1] - 1, 0)))
+    return seq.masked_fill(~valid, 0), valid
 
 
 class MetaRecModel(nn.Module):
@@ -44,8 +76,19 @@ class MetaRecModel(nn.Module):
         for table in (self.item_id, self.history_id, self.id_bias):
             nn.init.zeros_(table.weight)  # text carries the start; IDs learn the residual
         self.prior = nn.Parameter(torch.zeros(d))
-        self.pool = nn.Linear(2 * d, d)
-        self.recency = nn.Parameter(torch.tensor(math.log(0.05)))  # log decay rate per position from the newest
+        if config.prior == "sequence":
+            # learned positions counted from the newest item (0 = newest), causal pre-LN blocks, a final LayerNorm
+            # (pre-LN leaves the residual stream un-normalised) and a linear map into user space
+            self.seq_positions = nn.Embedding(config.seq_max_len, d)
+            nn.init.normal_(self.seq_positions.weight, std=d**-0.5)
+            self.seq_blocks = nn.ModuleList(
+                _Block(d, config.seq_heads, config.dropout) for _ in range(config.seq_blocks)
+            )
+            self.seq_norm = nn.LayerNorm(d)
+            self.seq_out = nn.Linear(d, d)
+        else:
+            self.pool = nn.Linear(2 * d, d)
+            self.recency = nn.Parameter(torch.tensor(math.log(0.05)))  # log decay rate per position from the newest
         self.profile = nn.Linear(profile_dim, d, bias=False) if profile_dim else None
         init = math.log(config.inner_lr_init)
         self.log_alpha = nn.Parameter(torch.full((max(config.inner_steps, 1), d), init))
@@ -67,7 +110,13 @@ class MetaRecModel(nn.Module):
     def prior_vectors(
         self, hist_table: torch.Tensor, support: torch.Tensor, mask: torch.Tensor, profile: torch.Tensor | None
     ) -> torch.Tensor:
-        """Pool history-side vectors of the support: ``support`` (B, L) item indices, newest last; ``mask`` (B, L)."""
+        """The users' starting vectors from the support: ``support`` (B, L) item indices, newest last; ``mask`` (B, L).
+
+        ``config.prior`` "pooled": a long-term and a recency-weighted mean of history-side vectors; "sequence": the
+        sequence encoder's state at the newest item (:meth:`sequence_states`)."""
+        if self.config.prior == "sequence":
+            states, _seq, _valid = self.sequence_states(hist_table, support, mask)
+            return self._finish_prior(states[:, -1], mask, profile)
         maskf = mask.to(hist_table.dtype)
         count = maskf.sum(1, keepdim=True)
         # position from the newest valid interaction (0 = newest), for the recency-weighted mean
@@ -77,9 +126,42 @@ class MetaRecModel(nn.Module):
         mean = _pool(support, maskf / count.clamp(min=1.0), h)
         recent = _pool(support, weights / weights.sum(1, keepdim=True).clamp(min=1e-6), h)
         u = self.prior + self.pool(torch.cat([mean, recent], dim=1))
+        return self._finish_prior(u, None, profile)
+
+    def _finish_prior(self, u: torch.Tensor, mask: torch.Tensor | None, profile: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None:  # sequence states: a user with no history starts from the learned prior alone
+            u = self.prior + u * mask.any(1, keepdim=True).to(u.dtype)
         if self.profile is not None and profile is not None:
             u = u + self.profile(profile)
         return u
+
+    def sequence_states(
+        self, hist_table: torch.Tensor, support: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The causal encoder over each user's newest ``seq_max_len`` support items: (states (B, T, d) in user space,
+        item indices (B, T), valid (B, T)), right-aligned, so ``states[:, -1]`` has read the whole (cut) history and
+        ``states[:, t]`` only items up to column ``t``. Padding is never attended to and its states are zero."""
+        length = max(1, min(self.config.seq_max_len, support.shape[1]))
+        seq, valid = right_aligned(support, mask, length)
+        age = torch.arange(length - 1, -1, -1)  # column t is (length - 1 - t) steps older than the newest
+        x = self.dropout(hist_table[seq] + self.seq_positions(age).unsqueeze(0)) * valid.unsqueeze(-1)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        attend = (causal & valid[:, None, :]) | torch.eye(length, dtype=torch.bool)  # self: no all -inf rows
+        attend = attend.unsqueeze(1)
+        for block in self.seq_blocks:
+            x = block(x, attend) * valid.unsqueeze(-1)
+        return self.seq_out(self.seq_norm(x)) * valid.unsqueeze(-1), seq, valid
+
+    def sequence_aux_loss(
+        self, states: torch.Tensor, seq: torch.Tensor, valid: torch.Tensor, out_table: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """SASRec's dense next-item objective on :meth:`sequence_states`' output: every support position's state (plus
+        the prior) predicts the next support item, full-softmax cross-entropy over the catalogue."""
+        pairs = valid[:, :-1] & valid[:, 1:]
+        if not bool(pairs.any()):
+            return out_table.sum() * 0.0
+        h = self.prior + states[:, :-1][pairs]
+        return F.cross_entropy(h @ out_table.T + bias, seq[:, 1:][pairs])
 
     def adapt(
         self,

@@ -190,11 +190,20 @@ def _fit(
             )
             prof = None if profiles is None else torch.from_numpy(profiles[batch])
             out, bias, hist = model.item_tables(text)
-            u = model.adapt(model.prior_vectors(hist, support, mask, prof), out, bias, support, mask)
+            aux = None
+            if config.prior == "sequence" and config.seq_aux_weight > 0 and not sampled:
+                states, seq, valid = model.sequence_states(hist, support, mask)  # once for the prior and the aux
+                u0 = model._finish_prior(states[:, -1], mask, prof)
+                aux = model.sequence_aux_loss(states, seq, valid, out, bias)
+            else:
+                u0 = model.prior_vectors(hist, support, mask, prof)
+            u = model.adapt(u0, out, bias, support, mask)
             if sampled:
                 loss = _sampled_query_loss(u, out, bias, support, mask, query, qmask, generator, config.n_negatives)
             else:
                 loss = _query_loss(u, out, bias, support, mask, query, qmask)
+            if aux is not None:
+                loss = loss + config.seq_aux_weight * aux
             if config.id_l2:
                 loss = loss + config.id_l2 * (model.item_id.weight.pow(2).sum() + model.history_id.weight.pow(2).sum())
             optimiser.zero_grad(set_to_none=True)
