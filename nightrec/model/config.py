@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass
 
-PRIORS = ("pooled", "sequence")
+PRIORS = ("pooled", "sequence", "both")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class TrainConfig:
     max_history: int = 256  # most recent interactions a user's vector is built from
     # the user prior: "pooled" (mean + recency-weighted mean of the history, FISM-like, order-free) or "sequence"
     # (a causal pre-LN transformer over the ordered history, positions counted from the newest item, the state at
-    # the newest position), both followed by the Meta-SGD inner steps
+    # the newest position), or "both" (their sum); each followed by the Meta-SGD inner steps
     prior: str = "pooled"
     seq_blocks: int = 2
     seq_heads: int = 1

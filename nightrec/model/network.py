@@ -76,7 +76,7 @@ class MetaRecModel(nn.Module):
         for table in (self.item_id, self.history_id, self.id_bias):
             nn.init.zeros_(table.weight)  # text carries the start; IDs learn the residual
         self.prior = nn.Parameter(torch.zeros(d))
-        if config.prior == "sequence":
+        if config.prior in ("sequence", "both"):
             # learned positions counted from the newest item (0 = newest), causal pre-LN blocks, a final LayerNorm
             # (pre-LN leaves the residual stream un-normalised) and a linear map into user space
             self.seq_positions = nn.Embedding(config.seq_max_len, d)
@@ -86,7 +86,7 @@ class MetaRecModel(nn.Module):
             )
             self.seq_norm = nn.LayerNorm(d)
             self.seq_out = nn.Linear(d, d)
-        else:
+        if config.prior in ("pooled", "both"):
             self.pool = nn.Linear(2 * d, d)
             self.recency = nn.Parameter(torch.tensor(math.log(0.05)))  # log decay rate per position from the newest
         self.profile = nn.Linear(profile_dim, d, bias=False) if profile_dim else None
@@ -108,29 +108,33 @@ class MetaRecModel(nn.Module):
 
     # --- users --------------------------------------------------------------------------------------------------
     def prior_vectors(
-        self, hist_table: torch.Tensor, support: torch.Tensor, mask: torch.Tensor, profile: torch.Tensor | None
+        self,
+        hist_table: torch.Tensor,
+        support: torch.Tensor,
+        mask: torch.Tensor,
+        profile: torch.Tensor | None,
+        states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The users' starting vectors from the support: ``support`` (B, L) item indices, newest last; ``mask`` (B, L).
 
         ``config.prior`` "pooled": a long-term and a recency-weighted mean of history-side vectors; "sequence": the
-        sequence encoder's state at the newest item (:meth:`sequence_states`)."""
-        if self.config.prior == "sequence":
-            states, _seq, _valid = self.sequence_states(hist_table, support, mask)
-            return self._finish_prior(states[:, -1], mask, profile)
-        maskf = mask.to(hist_table.dtype)
-        count = maskf.sum(1, keepdim=True)
-        # position from the newest valid interaction (0 = newest), for the recency-weighted mean
-        age = (count - torch.cumsum(maskf, 1)).clamp(min=0.0)
-        weights = torch.exp(-self.recency.exp() * age) * maskf
-        h = self.dropout(hist_table)
-        mean = _pool(support, maskf / count.clamp(min=1.0), h)
-        recent = _pool(support, weights / weights.sum(1, keepdim=True).clamp(min=1e-6), h)
-        u = self.prior + self.pool(torch.cat([mean, recent], dim=1))
-        return self._finish_prior(u, None, profile)
-
-    def _finish_prior(self, u: torch.Tensor, mask: torch.Tensor | None, profile: torch.Tensor | None) -> torch.Tensor:
-        if mask is not None:  # sequence states: a user with no history starts from the learned prior alone
-            u = self.prior + u * mask.any(1, keepdim=True).to(u.dtype)
+        sequence encoder's state at the newest item (:meth:`sequence_states`, or its ``states`` when given); "both":
+        their sum. A user with no history starts from the learned prior (plus the profile)."""
+        u = self.prior
+        if self.config.prior in ("pooled", "both"):
+            maskf = mask.to(hist_table.dtype)
+            count = maskf.sum(1, keepdim=True)
+            # position from the newest valid interaction (0 = newest), for the recency-weighted mean
+            age = (count - torch.cumsum(maskf, 1)).clamp(min=0.0)
+            weights = torch.exp(-self.recency.exp() * age) * maskf
+            h = self.dropout(hist_table)
+            mean = _pool(support, maskf / count.clamp(min=1.0), h)
+            recent = _pool(support, weights / weights.sum(1, keepdim=True).clamp(min=1e-6), h)
+            u = u + self.pool(torch.cat([mean, recent], dim=1))
+        if self.config.prior in ("sequence", "both"):
+            if states is None:
+                states = self.sequence_states(hist_table, support, mask)[0]
+            u = u + states[:, -1]  # zero for a user with no history
         if self.profile is not None and profile is not None:
             u = u + self.profile(profile)
         return u

@@ -191,9 +191,9 @@ def _fit(
             prof = None if profiles is None else torch.from_numpy(profiles[batch])
             out, bias, hist = model.item_tables(text)
             aux = None
-            if config.prior == "sequence" and config.seq_aux_weight > 0 and not sampled:
+            if config.prior != "pooled" and config.seq_aux_weight > 0 and not sampled:
                 states, seq, valid = model.sequence_states(hist, support, mask)  # once for the prior and the aux
-                u0 = model._finish_prior(states[:, -1], mask, prof)
+                u0 = model.prior_vectors(hist, support, mask, prof, states=states)
                 aux = model.sequence_aux_loss(states, seq, valid, out, bias)
             else:
                 u0 = model.prior_vectors(hist, support, mask, prof)
