@@ -82,7 +82,8 @@ def _table(result) -> dict[str, list]:
     """Columns for ``MlflowClient.log_table``: one row per method, ``<metric>`` means and ``<metric>_std``."""
     columns = result.columns()
     table: dict[str, list] = {"method": list(result.methods)}
-    for c in columns:
+    for c in columns:  # means first, so the UI's first columns are the figures themselves
         table[c] = [round(result.mean_std(m, c)[0], 5) for m in result.methods]
+    for c in columns:
         table[f"{c}_std"] = [round(result.mean_std(m, c)[1], 5) for m in result.methods]
     return table

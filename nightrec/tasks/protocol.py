@@ -280,8 +280,9 @@ def _by_history(scores: np.ndarray, histories: Histories, relevant: Histories) -
 def evaluate_split(scorers: dict, split: Split) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Every scorer on every segment of ``split``; also NDCG@10 by history length (new users, cold k, warm buckets)."""
     metrics: dict[str, dict[str, float]] = {name: {} for name in scorers}
-    by_history: dict[str, dict[str, float]] = {name: {} for name in scorers}
+    by_history: dict[str, dict[str, float]] = {}
     for name, scorer in scorers.items():
+        new_users, warm = {}, {}
         for segment, (hist, rel) in split.segments.items():
             if not hist:
                 continue
@@ -289,9 +290,10 @@ def evaluate_split(scorers: dict, split: Split) -> tuple[dict[str, dict[str, flo
             metrics[name] |= segment_metrics(scores, hist, rel, segment, split.cold_items)
             if segment.startswith("cold_k"):
                 ndcg = per_user_metrics(top_k_unseen(scores, hist, 10), rel, 10)["ndcg"]
-                by_history[name][f"new, {segment.removeprefix('cold_k')}"] = float(np.nanmean(ndcg))
+                new_users[f"new, {segment.removeprefix('cold_k')}"] = float(np.nanmean(ndcg))
             elif segment == "warm":
-                by_history[name] |= _by_history(scores, hist, rel)
+                warm = _by_history(scores, hist, rel)
+        by_history[name] = new_users | warm  # the plot's x-axis: fewest interactions known first
     return metrics, by_history
 
 
