@@ -71,6 +71,7 @@ def run_offline_evaluation(
             tracking.log_figure(client, run_id, figure, f"plots/{figure_name}.png")
         markdown = f"## {name}\n\n{result.to_markdown()}\n\n{result.summary_markdown()}"
         client.log_text(run_id, markdown, f"tables/{name}.md")
+        client.set_tag(run_id, "mlflow.note.content", result.summary_markdown())  # the run page's Description
     except BaseException:
         tracking.finish_run(client, run_id, failed=True)
         raise

@@ -44,6 +44,7 @@ def test_evaluate_logs_a_table_a_summary_and_the_history_plot_per_catalogue(home
     assert run.info.status == "FINISHED" and run.data.params["seeds"] == "[0]"
     artifacts = {a.path for p in ("tables", "plots") for a in client.list_artifacts(run.info.run_id, p)}
     assert {"tables/tiny-shop.json", "tables/tiny-shop.md", "plots/ndcg_by_history.png"} <= artifacts
+    assert "| warm ndcg@10 |" in run.data.tags["mlflow.note.content"]  # the ratio table is the run's description
     metrics = run.data.metrics
     for name in ("sasrec_warm_ndcg_at_10", "nightrec_cold_k0_ndcg_at_20", "text_cold_items_ndcg_at_20"):
         assert name in metrics and f"{name}_std" in metrics
