@@ -23,6 +23,14 @@ def movielens_100k() -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def gift_cards() -> Path:
+    folder = datasets_root() / "amazon2018-gift-cards"
+    if not (folder / "Gift_Cards_5.json.gz").exists() or not (folder / "meta_Gift_Cards.json.gz").exists():
+        pytest.skip(f"Amazon 2018 Gift Cards not found at {folder} (set NIGHTREC_DATASETS to the folder holding it)")
+    return folder
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """A fresh NIGHTREC_HOME; Settings() built inside the test reads it."""

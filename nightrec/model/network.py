@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nightrec.model.attention import CausalBlock
 from nightrec.model.config import TrainConfig
 
 
@@ -24,27 +25,6 @@ def _pool(index: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> to
     # Serving and evaluation: a gather reads B x L rows instead of multiplying through the whole catalogue, which
     # made pooling 3 of the 5 catalogue-sized products per user (same sums, in another order).
     return torch.bmm(weights.unsqueeze(1).to(table.dtype), table[index]).squeeze(1)
-
-
-class _Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + FFN(LN(x)) (as in SASRec)."""
-
-    def __init__(self, d: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads, self.p = heads, dropout
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * d, d))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        b, length, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        p = self.p if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)
-        x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, length, d)))
-        return x + self.drop(self.ff(self.norm2(x)))
 
 
 def right_aligned(support: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +62,8 @@ class MetaRecModel(nn.Module):
             self.seq_positions = nn.Embedding(config.seq_max_len, d)
             nn.init.normal_(self.seq_positions.weight, std=d**-0.5)
             self.seq_blocks = nn.ModuleList(
-                _Block(d, config.seq_heads, config.dropout) for _ in range(config.seq_blocks)
+                CausalBlock(d, config.seq_heads, config.dropout, ffn_width=2 * d, activation=nn.GELU)
+                for _ in range(config.seq_blocks)
             )
             self.seq_norm = nn.LayerNorm(d)
             self.seq_out = nn.Linear(d, d)

@@ -20,30 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nightrec.model.attention import CausalBlock
 from nightrec.ranking import per_user_metrics, top_k_unseen
 
 Histories = list[np.ndarray]
-
-
-class _Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + FFN(LN(x)) (point-wise FFN of width ``hidden``)."""
-
-    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.out = nn.Linear(hidden, hidden)
-        self.ff = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, length, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        p = self.dropout if self.training else 0.0
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        x = x + self.drop(self.out(attended.transpose(1, 2).reshape(b, length, d)))
-        return x + self.drop(self.ff(self.norm2(x)))
 
 
 class _Net(nn.Module):
@@ -58,7 +38,9 @@ class _Net(nn.Module):
         with torch.no_grad():
             self.items.weight[n_items].zero_()
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(_Block(hidden, heads, dropout) for _ in range(blocks))
+        self.blocks = nn.ModuleList(
+            CausalBlock(hidden, heads, dropout, ffn_width=hidden, activation=nn.ReLU) for _ in range(blocks)
+        )
         self.norm = nn.LayerNorm(hidden)  # pre-LN blocks leave the residual stream un-normalised
 
     def forward(self, seqs: torch.Tensor) -> torch.Tensor:

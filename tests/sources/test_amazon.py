@@ -15,7 +15,7 @@ from nightrec.flows.cli import app
 from nightrec.settings import Settings
 from nightrec.sources import amazon, load_dataset
 from nightrec.storage.lake import Lake
-from tests.conftest import datasets_root, tree_digest
+from tests.conftest import tree_digest
 
 DAY = 86_400
 T0 = 1_500_000_000 - 1_500_000_000 % DAY  # 2017-07-14 00:00 UTC: review times have day resolution
@@ -201,14 +201,6 @@ def test_cli_ingest_meta_alone_and_swapped_files(home, folder):
     )
     assert swapped.exit_code == 1 and "metadata file given as --events" in swapped.output
     assert tree_digest(home / "lake") == before
-
-
-@pytest.fixture
-def gift_cards() -> Path:
-    folder = datasets_root() / "amazon2018-gift-cards"
-    if not (folder / "Gift_Cards_5.json.gz").exists() or not (folder / "meta_Gift_Cards.json.gz").exists():
-        pytest.skip(f"Amazon 2018 Gift Cards not found at {folder} (set NIGHTREC_DATASETS to the folder holding it)")
-    return folder
 
 
 @pytest.mark.amazon
