@@ -27,6 +27,7 @@ from nightrec.model import TrainConfig, user_sequences
 from nightrec.ranking import per_user_metrics, top_k_unseen
 from nightrec.tasks.catalogue import night_item_ids
 from nightrec.tasks.evaluate import ALS, EASE, Histories, ItemKNN, Popularity, TextOnly, fit_nightrec
+from nightrec.tasks.sasrec import SASRec, tune_sasrec
 
 COLD_KS = (1, 3, 5)
 COLD_SHARE = 0.2
@@ -225,8 +226,6 @@ def tune_peers(
         chosen[name] = grid[best]
         log(f"tuned {name}: {grid[best]} (validation NDCG@10 {best_value:.4f})")
     if "sasrec" in peers:
-        from nightrec.tasks.sasrec import tune_sasrec
-
         chosen["sasrec"] = tune_sasrec(inner_train, n_items, (hist, rel), seed=seed, log=log)
     return chosen
 
@@ -238,16 +237,10 @@ def fit_peers(train: Histories, n_items: int, text: np.ndarray, params: dict, pe
         "itemknn": lambda: ItemKNN(train, n_items, **params.get("itemknn", {})),
         "ease": lambda: EASE(train, n_items, **params.get("ease", {})),
         "als": lambda: ALS(train, n_items, **params.get("als", {})),
-        "sasrec": lambda: _sasrec(train, n_items, params.get("sasrec", {})),
+        "sasrec": lambda: SASRec(train, n_items, **params.get("sasrec", {})),
         "text": lambda: TextOnly(train, n_items, text),
     }
     return {name: makers[name]() for name in peers}
-
-
-def _sasrec(train: Histories, n_items: int, params: dict):
-    from nightrec.tasks.sasrec import SASRec
-
-    return SASRec(train, n_items, **params)
 
 
 # --- one seed -----------------------------------------------------------------------------------------------------
