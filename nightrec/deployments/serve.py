@@ -14,6 +14,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+from nightrec.redaction import redact
 from nightrec.settings import Settings
 
 DEFAULT_PORT = 4200
@@ -85,9 +86,8 @@ def serve_forever(settings: Settings, port: int = DEFAULT_PORT) -> None:
         os.environ["PREFECT_API_URL"] = api_url
         from prefect import serve
 
-        print(
-            f"Prefect UI: {api_url.removesuffix('/api')}  (nightly cron '{settings.nightly_cron}' {settings.timezone})"
-        )
+        ui = redact(api_url.removesuffix("/api"))
+        print(f"Prefect UI: {ui}  (nightly cron '{settings.nightly_cron}' {settings.timezone})")
         try:
             serve(*deployments(settings))
         except KeyboardInterrupt:

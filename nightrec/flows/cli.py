@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from nightrec.redaction import redact
 from nightrec.settings import Settings, apply_environment
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nightrec: the nightly recommender pipeline.")
@@ -24,7 +25,7 @@ def _settings() -> Settings:
     try:
         settings = Settings()
     except Exception as exc:  # pydantic's message names the bad variable
-        typer.secho(f"invalid configuration: {exc}", fg="red", err=True)
+        typer.secho(redact(f"invalid configuration: {exc}"), fg="red", err=True)
         raise typer.Exit(2) from exc
     apply_environment(settings)
     os.environ["NIGHTREC_HOME"] = str(settings.home)  # stages re-read settings inside Prefect tasks
@@ -32,7 +33,7 @@ def _settings() -> Settings:
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.secho(message, fg="red", err=True)
+    typer.secho(redact(message), fg="red", err=True)
     return typer.Exit(code)
 
 
@@ -191,7 +192,8 @@ def _print_night(summary: dict) -> None:
         typer.echo(f"  holdout {name:<11} NDCG@10 {metrics['ndcg_at_10']:.4f}  Recall@20 {metrics['recall_at_20']:.4f}")
     typer.echo(f"  model version {gate['model_version']} ({gate['published_model']}): {gate['reason']}")
     typer.echo(f"  lists: {Path(settings.lake_root) / 'recommendations' / ('date=' + summary['run_date'])}")
-    typer.echo(f"  MLflow run {summary['mlflow_run_id']} in {settings.tracking_uri} (open it with `nightrec ui`)")
+    where = redact(settings.tracking_uri)
+    typer.echo(f"  MLflow run {summary['mlflow_run_id']} in {where} (open it with `nightrec ui`)")
 
 
 @app.command()
@@ -231,7 +233,7 @@ def evaluate(
         except ValueError as exc:  # a folder that is neither layout
             raise _fail(f"refused: {exc}", 2) from exc
         typer.echo(report["markdown"])
-        typer.echo(f"MLflow run {report['mlflow_run_id']} in {settings.tracking_uri}")
+        typer.echo(f"MLflow run {report['mlflow_run_id']} in {redact(settings.tracking_uri)}")
 
 
 @app.command()

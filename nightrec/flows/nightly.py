@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 
 from nightrec.flows import plots, recovery, scaleout, stages
 from nightrec.flows.locks import date_lock
+from nightrec.redaction import redact
 from nightrec.settings import Settings
 from nightrec.storage import tracking
 from nightrec.storage.failpoints import failpoint
@@ -98,7 +99,7 @@ def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.Sh
         failpoint("after:publish")
         _report(settings, client, exp, parent, summary)
     except BaseException as exc:
-        client.set_tag(parent, "nightrec.error", f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_tag(parent, "nightrec.error", redact(f"{type(exc).__name__}: {exc}")[:5000])
         tracking.finish_run(client, parent, failed=True)
         raise
     tracking.finish_run(client, parent)
@@ -176,7 +177,7 @@ def _markdown(summary: dict, settings: Settings, exp: str) -> str:
         f"- published: {summary['publish'].get('users')} users, {summary['publish'].get('rows')} rows",
         f"- model version {gate['model_version']} ({gate['published_model']}); promoted: {gate['promoted']}",
         f"- gate: {gate['reason']}",
-        f"- MLflow: experiment {exp}, run `{summary['mlflow_run_id']}` in {settings.tracking_uri}",
+        f"- MLflow: experiment {exp}, run `{summary['mlflow_run_id']}` in {redact(settings.tracking_uri)}",
         "",
         "| model | NDCG@10 | Recall@20 |",
         "|---|---|---|",

@@ -18,6 +18,7 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from nightrec.redaction import redact
 from nightrec.settings import Settings
 from nightrec.storage import tracking
 from nightrec.storage.lake import Lake
@@ -44,7 +45,7 @@ class _Stage:
     def __exit__(self, exc_type, exc, tb) -> None:
         tracking.log_metrics(self.client, self.run_id, {"stage_seconds": time.perf_counter() - self.started})
         if exc is not None:
-            self.client.set_tag(self.run_id, "nightrec.error", f"{exc_type.__name__}: {exc}"[:5000])
+            self.client.set_tag(self.run_id, "nightrec.error", redact(f"{exc_type.__name__}: {exc}")[:5000])
         tracking.finish_run(self.client, self.run_id, failed=exc_type is not None)
 
     def metrics(self, values: dict, prefix: str = "") -> None:
