@@ -196,8 +196,20 @@ def prefect_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
+# Set whatever the environment says: with persistence or the pickle serializer on, Prefect would write result files
+# that run code when read back (a result record names its own serializer). Our tasks and flows also say
+# persist_result=False; these cover anything Prefect persists by default.
+NO_PICKLE_PREFECT = {
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
+    "PREFECT_TASKS_DEFAULT_PERSIST_RESULT": "false",
+    "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
+}
+
+
 def apply_environment(settings: Settings) -> None:
-    """Export :func:`prefect_environment` without overriding what the user set explicitly."""
+    """Export :func:`prefect_environment` without overriding what the user set explicitly, and
+    :data:`NO_PICKLE_PREFECT` always."""
     settings.home.mkdir(parents=True, exist_ok=True)
     for key, value in prefect_environment(settings).items():
         os.environ.setdefault(key, value)
+    os.environ.update(NO_PICKLE_PREFECT)

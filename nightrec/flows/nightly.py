@@ -46,7 +46,7 @@ def _nightly_run_name() -> str:
     return f"nightly-{date}" if date else "nightly-scheduled"
 
 
-@flow(name="nightly", flow_run_name=_nightly_run_name, log_prints=True)
+@flow(name="nightly", flow_run_name=_nightly_run_name, log_prints=True, persist_result=False)
 def nightly(run_date: dt.date | None = None, trigger: str = "manual") -> dict:
     """Ingest, embed, train, evaluate and gate, compress and index, publish: the lists for ``run_date``."""
     settings = Settings()
@@ -84,10 +84,7 @@ def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.Sh
         failpoint("after:embed-users")
         champion = registry.champion(client, settings.registered_model)
         train_args = (day, parent, str(night_dir / "models"), str(recommender_dir(champion.path)) if champion else None)
-        summary["train"] = stages.train_model(*train_args)
-        if not Path(summary["train"]["model_dir"]).is_dir():
-            # A cached result whose model folder was pruned since (old nights' folders are removed): train again.
-            summary["train"] = stages.train_model.with_options(refresh_cache=True)(*train_args)
+        summary["train"] = stages.train_model(*train_args)  # content-keyed: a re-run of the night skips training
         # On the parent at once (a cached train logs nothing), so a night that fails later still shows them.
         tracking.log_metrics(client, parent, {k: summary["train"].get(k, 0) for k in MISSING_METRICS})
         failpoint("after:train")
@@ -194,7 +191,7 @@ def _prune_work_folders(runs_root: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-@flow(name="backfill", flow_run_name="backfill-{start}-{end}")
+@flow(name="backfill", flow_run_name="backfill-{start}-{end}", persist_result=False)
 def backfill(start: dt.date, end: dt.date, force: bool = False) -> dict:
     """Nightly for each date from ``start`` to ``end`` inclusive, oldest first; published dates are skipped unless
     ``force``. A failed date stops the backfill; running the same command again resumes from it."""

@@ -20,11 +20,13 @@ from prefect.cache_policies import NO_CACHE
 
 from nightrec.redaction import redact
 from nightrec.settings import Settings
-from nightrec.storage import tracking
+from nightrec.storage import atomic, tracking
 from nightrec.storage.lake import Lake
 
 # Stages touching the outside world (files, the MLflow server) retry with backoff; the lake writes are idempotent.
-RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "cache_policy": NO_CACHE}
+# No stage persists a Prefect result: a result record names its own serializer (cloudpickle by default), so a file
+# planted in the result storage would run code when read back (issue 14).
+RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "cache_policy": NO_CACHE, "persist_result": False}
 
 
 class _Stage:
@@ -215,29 +217,49 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
     return digest.hexdigest()[:24]
 
 
-def _train_cache_key(context, parameters: dict) -> str:
-    # models_root names the home: two homes with the same data must not share a model folder.
-    inputs = train_inputs_key(parameters["run_date"], parameters["champion_dir"])
-    home = hashlib.sha256(str(Path(parameters["models_root"]).resolve()).encode()).hexdigest()[:12]
-    return f"train-{parameters['run_date']}-{home}-{inputs}"
+TRAIN_RECORD = "train-result.json"
 
 
-@task(
-    name="train",
-    retries=1,
-    retry_delay_seconds=5,
-    cache_key_fn=_train_cache_key,
-    persist_result=True,
-    cache_expiration=dt.timedelta(days=7),
-)
+def train_record_path(models_root: Path, key: str) -> Path:
+    """Where a finished training of inputs ``key`` records its result, beside its model folder (pruned with it)."""
+    return Path(models_root) / f"{key}.{TRAIN_RECORD}"
+
+
+def read_train_record(models_root: Path, key: str) -> dict | None:
+    """The recorded result of an earlier training on the same inputs, or None (then the night trains).
+
+    Our own cache instead of a persisted Prefect result: a Prefect result record names its own serializer
+    (cloudpickle by default), so a file planted there would run code on load. This one is plain JSON, checked
+    field by field; anything else is ignored."""
+    path = train_record_path(models_root, key)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    expected = str(Path(models_root) / key)
+    if not isinstance(record, dict) or record.get("model_dir") != expected or not Path(expected).is_dir():
+        return None
+    if not isinstance(record.get("train_run_id"), str):
+        return None
+    if not all(isinstance(v, int | float | str) for v in record.values()):  # the stats are scalars
+        return None
+    return record
+
+
+@task(name="train", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, persist_result=False)
 def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champion_dir: str | None) -> dict:
     """Meta-train on events before the holdout cut, warm-started from the champion when there is one.
 
-    Cached by the content of its inputs (a re-run of a night after a later stage failed skips training)."""
+    Cached by the content of its inputs (a re-run of a night after a later stage failed skips training):
+    :func:`read_train_record`, never a persisted Prefect result."""
     from nightrec.flows import plots
     from nightrec.model import TrainConfig
     from nightrec.tasks import catalogue, train
 
+    key = train_inputs_key(run_date, champion_dir)  # once: it reads every events manifest
+    cached = read_train_record(Path(models_root), key)
+    if cached is not None:
+        return cached
     with _Stage(parent_run_id, "train") as st:
         events = night_events(st.lake, run_date)
         split = night_split(st.settings, events, run_date)
@@ -258,7 +280,6 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
         tracking.log_params(
             st.client, st.run_id, {**config.to_dict(), **split.profile(), "init_from": init_from or "scratch"}
         )
-        key = train_inputs_key(run_date, champion_dir)  # once: it reads every events manifest
         for context, frame in (("training", train_events), ("holdout", holdout)):
             profile = {
                 "rows": frame.height,
@@ -287,7 +308,9 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
             **{k: v for k, v in recommender.meta.items() if isinstance(v, int | float)},
         }
         st.metrics(stats)
-        return {"model_dir": str(model_dir), "train_run_id": st.run_id, **stats}
+        result = {"model_dir": str(model_dir), "train_run_id": st.run_id, **stats}
+    atomic.write_json_atomic(train_record_path(Path(models_root), key), result)  # after the run closed FINISHED
+    return result
 
 
 @task(name="evaluate-and-gate", **RETRY)

@@ -80,8 +80,8 @@ def bench(prefect_server, tmp_path_factory):
 
 
 def _model_cache() -> tuple[str, ...]:
-    # The train task's Prefect cache names a model folder by the content of its inputs; keep it across restores
-    # so a cache hit made by an earlier kill point does not point at a folder the restore removed.
+    # The train task's cache (a JSON record beside each model folder, named by the content of the training inputs)
+    # lives here; keep it across restores, as a real re-run of the night would find it.
     return (f"runs/{D2.isoformat()}/models",)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from prefect.cache_policies import NO_CACHE
 
 from nightrec.settings import Settings
 from nightrec.storage import atomic
@@ -120,6 +121,53 @@ def test_no_pickle_loading_in_the_package():
                 if allow is not None and not (isinstance(allow, ast.Constant) and allow.value is False):
                     offenders.append(f"{source}:{node.lineno} allow_pickle")
     assert offenders == []
+
+
+def _our_prefect_objects():
+    """Every Prefect task and flow the package defines (the stages, the shards, the nightly and backfill flows)."""
+    from prefect import Flow, Task
+
+    from nightrec.flows import nightly, scaleout, stages
+
+    return [
+        obj for module in (stages, scaleout, nightly) for obj in vars(module).values() if isinstance(obj, Task | Flow)
+    ]
+
+
+def test_no_prefect_task_or_flow_persists_a_result():
+    """A persisted Prefect result names its own serializer (cloudpickle by default) and runs code when read back:
+    none of ours persists one, caches by a Prefect key, or names a pickle serializer."""
+    from prefect import Task
+
+    found = _our_prefect_objects()
+    assert {o.name for o in found} >= {"ingest", "train", "publish", "publish-shard", "nightly", "backfill"}
+    for obj in found:
+        assert obj.persist_result is False, f"{obj.name} persists its result"
+        assert "pickle" not in repr(obj.result_serializer).lower(), obj.name
+        if isinstance(obj, Task):
+            assert obj.cache_key_fn is None and obj.cache_policy in (None, NO_CACHE), f"{obj.name} caches in Prefect"
+
+
+def test_the_prefect_defaults_we_configure_do_not_pickle(home):
+    """The environment the CLI exports (apply_environment) turns Prefect's own persistence and pickle default off,
+    even where the user's environment turned them on."""
+    from prefect.settings import Settings as PrefectSettings
+
+    from nightrec.settings import NO_PICKLE_PREFECT, apply_environment
+
+    saved = dict(os.environ)
+    try:
+        for key in NO_PICKLE_PREFECT:
+            os.environ.pop(key, None)
+        assert PrefectSettings().results.default_serializer == "pickle"  # what we are protecting against
+        os.environ["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] = "true"
+        apply_environment(Settings())
+        prefect = PrefectSettings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert prefect.results.default_serializer == "json"
+    assert prefect.results.persist_by_default is False and prefect.tasks.default_persist_result is False
 
 
 # --- integrity ----------------------------------------------------------------------------------------------------
