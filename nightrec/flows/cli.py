@@ -17,6 +17,7 @@ from nightrec.settings import Settings, apply_environment
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="nightrec: the nightly recommender pipeline.")
 
 RUN_IN_PROGRESS_EXIT = 75  # EX_TEMPFAIL: another run of the same date holds its lock; try again later
+REFUSED_EXIT = 2  # the input was refused (bad file, nothing written), like a usage error: fix it, do not retry
 DateOption = Annotated[dt.datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Run date (YYYY-MM-DD).")]
 
 
@@ -85,7 +86,7 @@ def ingest(
             elif events is not None:
                 reports.append(stage.ingest_events_file(lake, events, settings))
     except (stage.IngestError, ValueError, FileNotFoundError) as exc:
-        raise _fail(f"refused: {exc}") from exc
+        raise _fail(f"refused: {exc}", REFUSED_EXIT) from exc
     for rep in reports:
         reasons = f"  quarantined: {rep.reasons}" if rep.quarantined else ""
         typer.echo(f"{rep.source}: {rep.rows} rows, {rep.valid} landed, {rep.duplicates} duplicates{reasons}")

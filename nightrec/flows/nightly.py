@@ -191,6 +191,23 @@ def _prune_work_folders(runs_root: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def finished_dates(settings: Settings) -> set[dt.date]:
+    """Dates whose lists are in the lake and whose night finished (its MLflow parent run FINISHED).
+
+    A partition alone is not enough: a night killed between the partition swap and the ``LATEST`` move leaves
+    ``date=D/`` in place, the pointer on an older night and its run RUNNING. A backfill re-runs such a date, which
+    moves the pointer and closes the dead run (KILLED, by recovery)."""
+    client = tracking.client_for(settings.tracking_uri)
+    exp = tracking.experiment_id(client, settings.mlflow_experiment, settings.artifact_root)
+    runs = client.search_runs(
+        [exp],
+        filter_string="tags.`nightrec.kind` = 'nightly' and attributes.status = 'FINISHED'",
+        max_results=50_000,
+    )
+    finished = {r.data.tags.get("nightrec.run_date") for r in runs}
+    return {day for day in Lake(settings.lake_root).published_dates() if day.isoformat() in finished}
+
+
 @flow(name="backfill", flow_run_name="backfill-{start}-{end}", persist_result=False)
 def backfill(start: dt.date, end: dt.date, force: bool = False) -> dict:
     """Nightly for each date from ``start`` to ``end`` inclusive, oldest first; published dates are skipped unless
@@ -198,7 +215,7 @@ def backfill(start: dt.date, end: dt.date, force: bool = False) -> dict:
     if end < start:
         raise ValueError(f"backfill: end {end} is before start {start}")
     settings = Settings()
-    published = set(Lake(settings.lake_root).published_dates())
+    published = finished_dates(settings)
     done, skipped = [], []
     day = start
     while day <= end:

@@ -30,7 +30,9 @@ DEFAULT_EVENT_TYPE = "view"
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".txt": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 _FORMATS |= {".parquet": "parquet", ".pq": "parquet"}
 # Columns the validators add; a source column of the same name is renamed so that it cannot be mistaken for ours.
-JSON_ERROR = "_json_error"  # set by the lenient JSON Lines reader on a line that is not a JSON object
+# Set by the lenient JSON Lines reader on a line that is not a JSON object, and on a Parquet row whose float id is not
+# an integer: the row's source error, which validation quarantines.
+JSON_ERROR = "_json_error"
 _RESERVED = ("reason", "source_file", "_ts", "_event_type", "_value", "_updated", "_available", "_date")
 _TIME_FORMATS = ("%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M%z", "%Y-%m-%dT%H:%M", "%Y-%m-%d")
 
@@ -77,8 +79,11 @@ def file_format(path: Path) -> str:
     return fmt
 
 
-def read_as_text(path: Path) -> pl.LazyFrame:
-    """Scan a file lazily with every column as text. Raises IngestError if the bytes do not match the format."""
+def read_as_text(path: Path, id_columns: tuple[str, ...] = ()) -> pl.LazyFrame:
+    """Scan a file lazily with every column as text. Raises IngestError if the bytes do not match the format.
+
+    ``id_columns`` (the file's names for the ids) stored as floats in Parquet become integer text (1.0 -> "1");
+    a non-integral or non-finite one (2.5, NaN) marks its row for quarantine (:func:`float_ids_as_text`)."""
     path = Path(path)
     if not path.is_file():
         raise IngestError(f"{path}: no such file")
@@ -91,7 +96,10 @@ def read_as_text(path: Path) -> pl.LazyFrame:
                 raise IngestError(f"{path}: not a Parquet file (missing PAR1 magic bytes)")
             frame = pl.scan_parquet(path)
             schema = frame.collect_schema()
-            return frame.with_columns(_to_text(name, dtype) for name, dtype in schema.items())
+            if JSON_ERROR in schema:
+                frame = frame.rename({JSON_ERROR: f"{JSON_ERROR}_source"})
+                schema = frame.collect_schema()
+            return float_ids_as_text(frame, schema, id_columns)
         if looks_binary(path):
             raise IngestError(f"{path}: binary content in a {fmt.upper()} file")
         if fmt == "csv":
@@ -151,6 +159,35 @@ def _json_text(value) -> str | None:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _whole(col: pl.Expr) -> pl.Expr:
+    """A float that is an integer int64 can hold."""
+    return col.is_finite() & (col.floor() == col) & (col.abs() < 2.0**63)
+
+
+def float_ids_as_text(frame: pl.LazyFrame, schema: pl.Schema, id_columns: tuple[str, ...]) -> pl.LazyFrame:
+    """Every column as text; float id columns as integers ("1", not "1.0"). A float id that is not an integer
+    (2.5, NaN, inf, beyond int64) sets ``JSON_ERROR`` (the per-row source error that validation quarantines) and
+    keeps its text, so the quarantine shows what the file held."""
+    float_ids = [c for c in id_columns if c in schema and schema[c].is_float()]
+    texts = []
+    for name, dtype in schema.items():
+        col = pl.col(name)
+        if name in float_ids:
+            as_int = col.cast(pl.Int64, strict=False).cast(pl.String)
+            texts.append(pl.when(_whole(col)).then(as_int).otherwise(col.cast(pl.String)).alias(name))
+        else:
+            texts.append(_to_text(name, dtype))
+    errors = [
+        pl.when(pl.col(c).is_not_null() & ~_whole(pl.col(c))).then(
+            pl.format("{} is a number that is not an integer: {}", pl.lit(c), pl.col(c).cast(pl.String))
+        )
+        for c in float_ids
+    ]
+    if errors:
+        texts.append(pl.coalesce(errors).alias(JSON_ERROR))
+    return frame.select(texts)
 
 
 def looks_binary(path: Path, sample: int = 65536) -> bool:
@@ -353,6 +390,8 @@ def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sou
     validated = validate_events(frame, settings, now)
     counts = validated.group_by("reason").agg(pl.len().alias("n")).collect(engine="streaming")
     report = IngestReport(source=source, rows=int(counts["n"].sum()))
+    if report.rows == 0:
+        raise IngestError(f"{source}: no rows (a header only, or an empty file); nothing was written")
     bad_counts = counts.filter(pl.col("reason").is_not_null()).sort(["n", "reason"], descending=[True, False])
     report.quarantined = int(bad_counts["n"].sum())
     report.reasons = dict(bad_counts.iter_rows())
@@ -408,7 +447,8 @@ def _refuse_unreadable(path: Path, exc: Exception) -> IngestError:
 def ingest_events_file(lake: Lake, path: Path, settings: Settings, now=None) -> IngestReport:
     """Land one events file (CSV, JSON Lines or Parquet)."""
     try:
-        return ingest_events_frame(lake, read_as_text(Path(path)), settings, str(path), now=now)
+        ids = tuple(settings.event_columns.get(c, c) for c in ("user_id", "item_id"))
+        return ingest_events_frame(lake, read_as_text(Path(path), ids), settings, str(path), now=now)
     except pl.exceptions.PolarsError as exc:
         raise _refuse_unreadable(Path(path), exc) from exc
 
@@ -497,7 +537,8 @@ def ingest_items_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sour
 
 def ingest_items_file(lake: Lake, path: Path, settings: Settings, now=None) -> IngestReport:
     try:
-        return ingest_items_frame(lake, read_as_text(Path(path)), settings, str(path), now=now)
+        ids = (settings.item_columns.get("item_id", "item_id"),)
+        return ingest_items_frame(lake, read_as_text(Path(path), ids), settings, str(path), now=now)
     except pl.exceptions.PolarsError as exc:
         raise _refuse_unreadable(Path(path), exc) from exc
 
@@ -508,8 +549,10 @@ def ingest_users_frame(lake: Lake, frame: pl.LazyFrame, source: str) -> IngestRe
     frame = apply_column_mapping(frame, {}, ("user_id",), source)
     users = frame.collect().with_columns(pl.col("user_id").str.strip_chars()).filter(~_missing("user_id"))
     if JSON_ERROR in users.columns:  # lines that were not JSON objects carry no user
-        users = users.filter(pl.col(JSON_ERROR).is_null()).drop(JSON_ERROR, "_raw_line")
+        users = users.filter(pl.col(JSON_ERROR).is_null()).drop(JSON_ERROR, "_raw_line", strict=False)
     users = users.unique(subset=["user_id"], keep="last", maintain_order=True)
+    if users.is_empty():  # a header only would otherwise add its columns, all null, to every user
+        raise IngestError(f"{source}: no user rows (a header only, or an empty file); nothing was written")
     existing = lake.read_users()
     if existing is not None:
         users = pl.concat(
@@ -522,7 +565,7 @@ def ingest_users_frame(lake: Lake, frame: pl.LazyFrame, source: str) -> IngestRe
 
 def ingest_users_file(lake: Lake, path: Path) -> IngestReport:
     try:
-        return ingest_users_frame(lake, read_as_text(Path(path)), str(path))
+        return ingest_users_frame(lake, read_as_text(Path(path), ("user_id",)), str(path))
     except pl.exceptions.PolarsError as exc:
         raise _refuse_unreadable(Path(path), exc) from exc
 

@@ -72,3 +72,33 @@ def test_failed_date_stops_the_backfill_and_names_it(prefect_server, tmp_path, m
     assert result.exit_code == 1
     assert f"backfill stopped at {DATES[0]}" in result.output and "resumes from" in result.output
     assert Lake(Settings().lake_root).published_dates() == []
+
+
+def test_a_night_killed_between_swap_and_latest_is_run_again(prefect_server, tmp_path, monkeypatch):
+    """Before: the backfill skipped the date as published, LATEST stayed on the older night and the killed run
+    stayed RUNNING. Now the date counts as published only once its night finished."""
+    from tests.flows import processes
+    from tests.flows.processes import D1, EPOCHS, SPEC
+
+    demo_home(tmp_path, monkeypatch, SPEC)
+    monkeypatch.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
+    point, markers, log = "publish:before-latest", tmp_path / "markers", tmp_path / "killed.log"
+    env = processes.child_environment(NIGHTREC_FAILPOINT=point, NIGHTREC_FAILPOINT_DIR=str(markers))
+    killed = processes.start(["nightly", "--date", D1.isoformat()], env, log)
+    processes.wait_for_hit(killed, markers, point, log)
+    processes.kill_group(killed)
+    settings = Settings()
+    lake = Lake(settings.lake_root)
+    assert lake.published_dates() == [D1] and lake.read_latest_pointer() is None
+
+    result = CliRunner().invoke(app, ["backfill", "--start", D1.isoformat(), "--end", D1.isoformat()])
+    assert result.exit_code == 0, result.output
+    assert f"ran 1 date(s): {D1}" in result.output
+    client = MlflowClient(settings.tracking_uri)
+    exp = client.get_experiment_by_name(settings.mlflow_experiment).experiment_id
+    runs = client.search_runs([exp], filter_string="tags.`nightrec.kind` = 'nightly'", order_by=["start_time ASC"])
+    assert [r.info.status for r in runs] == ["KILLED", "FINISHED"]
+    pointer = lake.read_latest_pointer()
+    assert (pointer["date"], pointer["mlflow_run_id"]) == (D1.isoformat(), runs[1].info.run_id)
+    again = CliRunner().invoke(app, ["backfill", "--start", D1.isoformat(), "--end", D1.isoformat()])
+    assert again.exit_code == 0 and "skipped 1 already published" in again.output

@@ -23,7 +23,7 @@ def test_ingest_movielens_100k_lands_every_event(home, movielens_100k):
     assert again.exit_code == 0 and lake.scan_events().collect().height == 100_000  # re-ingest is idempotent
 
 
-def test_refused_file_is_named_and_exit_code_is_nonzero(home, tmp_path):
+def test_refused_file_is_named_and_exit_code_is_2(home, tmp_path):
     good = tmp_path / "events.csv"
     good.write_text("user_id,item_id,timestamp\nu1,i1,2026-01-02T00:00:00Z\n")
     assert CliRunner().invoke(app, ["ingest", "--events", str(good)]).exit_code == 0
@@ -31,7 +31,7 @@ def test_refused_file_is_named_and_exit_code_is_nonzero(home, tmp_path):
     bad = tmp_path / "broken.csv"
     bad.write_text("user,item\nu1,i1\n")
     result = CliRunner().invoke(app, ["ingest", "--events", str(bad)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "broken.csv" in result.output and "missing required column" in result.output
     assert tree_digest(home / "lake") == before
 
@@ -45,3 +45,14 @@ def test_evaluate_names_a_missing_dataset(home, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", "--dataset", "no-such-set", "--datasets-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert "no-such-set" in result.output and str(tmp_path) in result.output
+
+
+def test_a_header_only_events_file_is_refused_in_one_line(home, tmp_path):
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("user_id,item_id,timestamp\n")
+    result = CliRunner().invoke(app, ["ingest", "--events", str(header_only)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"refused: {header_only}: no rows (a header only, or an empty file); nothing was written"
+    ]
+    assert not (home / "lake" / "events").exists()

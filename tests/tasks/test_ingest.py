@@ -142,6 +142,8 @@ def _seed_lake(tmp_path, settings, lake):
         ("e.xlsx", "whatever", "unsupported file type '.xlsx'"),
         ("e.jsonl", '{"user_id": "u1", "item_id": \n', "cannot be read as JSONL"),
         ("e.csv", 'user_id,item_id,timestamp\n"u1,i1,2026-11-20\n', "cannot be read as CSV"),
+        ("e.csv", HEADER, "no rows (a header only, or an empty file)"),
+        ("e.jsonl", "\n\n", "no line holds a JSON object"),
     ],
 )
 def test_refused_files_name_the_file_and_leave_the_lake_unchanged(tmp_path, settings, lake, name, content, message):
@@ -256,3 +258,50 @@ def test_a_refusal_quoting_the_data_stays_one_line(tmp_path, lake):
         ingest.ingest_events_file(lake, path, settings, now=NOW)
     assert "\n" not in str(err.value) and "\u2028" not in str(err.value)
     assert "unparseable timestamp '12:00\\nnoon\\u2028x'" in str(err.value)
+
+
+# --- ids stored as numbers ----------------------------------------------------------------------------------------
+def test_float_ids_from_parquet_become_integers_or_are_quarantined(tmp_path, settings, lake):
+    """Parquet writers store numeric ids as floats when a column has a null: 1.0 is the id "1"; 2.5 and NaN are
+    no id at all (before: "1.0", "2.5" and "NaN" landed as ids)."""
+    frame = pl.DataFrame(
+        {
+            "user_id": [1.0, 2.5, float("nan"), 4.0, 1e300],
+            "item_id": [10.0, 11.0, 12.0, float("inf"), 13.0],
+            "timestamp": ["2026-11-20T10:00:00Z"] * 5,
+            "value": [1.5, 2.0, 3.0, 4.0, 5.0],  # not an id: stays a float
+        }
+    )
+    path = tmp_path / "e.parquet"
+    frame.write_parquet(path)
+    settings = Settings(home=settings.home, max_bad_fraction=1.0)
+    report = ingest.ingest_events_file(lake, path, settings, now=NOW)
+    assert (report.rows, report.valid, report.quarantined) == (5, 1, 4)
+    landed = lake.scan_events().collect()
+    assert landed.select("user_id", "item_id", "value").rows() == [("1", "10", 1.5)]
+    bad = quarantine(lake).sort("user_id")
+    assert sorted(bad["reason"]) == [
+        "item_id is a number that is not an integer: inf",
+        "user_id is a number that is not an integer: 1e+300",
+        "user_id is a number that is not an integer: 2.5",
+        "user_id is a number that is not an integer: NaN",
+    ]
+
+
+def test_float_item_ids_in_a_parquet_catalogue_become_integers(tmp_path, settings, lake):
+    path = tmp_path / "items.parquet"
+    pl.DataFrame({"item_id": [10.0, 10.5], "title": ["Ten", "Half"]}).write_parquet(path)
+    report = ingest.ingest_items_file(lake, path, Settings(home=settings.home, max_bad_fraction=1.0), now=NOW)
+    assert (report.valid, report.quarantined) == (1, 1)
+    assert lake.read_items()["item_id"].to_list() == ["10"]
+
+
+# --- users --------------------------------------------------------------------------------------------------------
+def test_a_header_only_users_file_is_refused_and_adds_no_columns(tmp_path, lake):
+    ingest.ingest_users_file(lake, write(tmp_path, "users.csv", "user_id,age\nu1,31\n"))
+    before = tree_digest(lake.root)
+    header_only = write(tmp_path, "more.csv", "user_id,gender,occupation,zip,city\n")
+    with pytest.raises(ingest.IngestError, match="no user rows"):
+        ingest.ingest_users_file(lake, header_only)
+    assert tree_digest(lake.root) == before
+    assert lake.read_users().columns == ["user_id", "age"]
