@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     prefect_api_url: str | None = Field(
         default=None, description="A running Prefect server; default: temporary local one."
     )
+    serve_host: str = Field(
+        default="127.0.0.1",
+        description="Address `nightrec serve` binds its Prefect server to; anything but loopback needs "
+        "PREFECT_SERVER_API_AUTH_STRING (docs/reliability.md, local servers).",
+    )
 
     # Ingest
     events_source: str | None = Field(default=None, description="File or glob the nightly run lands before training.")

@@ -1,7 +1,8 @@
 """`nightrec serve`: a local Prefect server on 127.0.0.1 plus the nightly and backfill deployments, in the foreground.
 
 Schedules need a real server (a temporary one refuses to schedule), so unless NIGHTREC_PREFECT_API_URL points at one,
-we start `prefect server start` as a child process and stop it on exit.
+we start Prefect's server app as a child process (:mod:`nightrec.deployments.server`, which refuses foreign Host and
+Origin headers) and stop it on exit.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+from nightrec.deployments.server import AUTH_SETTING, server_environment
 from nightrec.redaction import redact
 from nightrec.settings import Settings
 
@@ -58,12 +60,15 @@ def wait_healthy(api_url: str, timeout: float = 120.0, process: subprocess.Popen
 
 @contextlib.contextmanager
 def local_server(settings: Settings, port: int = DEFAULT_PORT) -> Iterator[str]:
-    """Start `prefect server start` bound to 127.0.0.1 under this home's PREFECT_HOME; yield its API URL."""
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(settings.prefect_home_dir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    """Start a Prefect server (:mod:`nightrec.deployments.server`: its own origin only, CSRF on) on
+    ``settings.serve_host`` (127.0.0.1) under this home's PREFECT_HOME; yield its API URL."""
+    host = settings.serve_host
+    api_url = f"http://{host}:{port}/api"
+    env = {**os.environ, **server_environment(host, port, dict(os.environ))}
+    env["PREFECT_HOME"] = str(settings.prefect_home_dir)
     env.pop("PREFECT_API_URL", None)
     log = open(settings.prefect_home_dir / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "nightrec.deployments.server", "--host", host, "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_healthy(api_url, process=process)
@@ -84,6 +89,8 @@ def serve_forever(settings: Settings, port: int = DEFAULT_PORT) -> None:
     server = nullcontext(settings.prefect_api_url) if settings.prefect_api_url else local_server(settings, port)
     with server as api_url:
         os.environ["PREFECT_API_URL"] = api_url
+        if os.environ.get(AUTH_SETTING):  # our own runner must authenticate like any client
+            os.environ.setdefault("PREFECT_API_AUTH_STRING", os.environ[AUTH_SETTING])
         from prefect import serve
 
         ui = redact(api_url.removesuffix("/api"))

@@ -248,14 +248,19 @@ def serve() -> None:
 
 @app.command()
 def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
-    """The MLflow UI for this home's runs on 127.0.0.1 (one worker; Ctrl-C stops)."""
+    """The MLflow UI for this home's runs on 127.0.0.1 (one worker; Ctrl-C stops). Only its own address is
+    accepted as Host and as a state-changing request's Origin (DNS rebinding, cross-site requests)."""
     import subprocess
+
+    from nightrec.deployments.guard import own_addresses
 
     settings = _settings()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    hosts, origins = own_addresses("127.0.0.1", port)
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", settings.tracking_uri, "--default-artifact-root", settings.artifact_root,
+        "--allowed-hosts", ",".join(sorted(hosts)), "--cors-allowed-origins", ",".join(sorted(origins)),
     ]  # fmt: skip
     typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (experiment '{settings.mlflow_experiment}')")
     with contextlib.suppress(KeyboardInterrupt):
