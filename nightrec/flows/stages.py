@@ -552,6 +552,8 @@ def publish_checked(
         )
         counted["users_without_reasons"] = result.unexplained_users
         st.metrics({"problems": len(result.problems), "users_without_reasons": result.unexplained_users})
+        coverage = {"list_coverage": result.stats.get("list_items_distinct", 0) / max(len(item_ids), 1)}
+        st.metrics({**result.stats, **coverage})  # what is about to be published: coverage, reason weights
         if result.problems:
             raise ListsCheckError(f"lists for {run_date} failed the checker, not published: {result.problems[:5]}")
         if result.unexplained_users:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from nightrec.model.config import TrainConfig, cold_config
 from nightrec.model.network import MetaRecModel
+from nightrec.model.reasons import ReasonBlock, ReasonSpace
 from nightrec.model.sequences import pad_histories, user_sequences
 from nightrec.storage import atomic
 from nightrec.storage.vectors import ServedVectors
@@ -145,6 +146,38 @@ class Recommender:
         """(n_users, n_items) scores for users given their item-index histories (time order)."""
         return self.user_matrix(histories, profiles, prior=prior) @ self.item_matrix(prior=prior).T
 
+    @torch.inference_mode()
+    def reason_space(self) -> ReasonSpace:
+        """The attribution arrays of each served network (:mod:`nightrec.model.reasons`) and the history lengths
+        each serves."""
+        blocks = []
+        models = self._models()
+        for m, model in enumerate(models):
+            out, _, hist = model.item_tables(self.text)
+            d = model.config.dim
+            steps = model.config.inner_steps
+            alpha = model.log_alpha.exp()
+            step_sum = sum(alpha[min(t, alpha.shape[0] - 1)] for t in range(steps)) if steps else torch.zeros(d)
+            mean = out * step_sum
+            recent = torch.zeros_like(out)
+            decay = 0.0
+            if hasattr(model, "pool"):
+                mean = mean + hist @ model.pool.weight[:, :d].T
+                recent = hist @ model.pool.weight[:, d:].T
+                decay = float(model.recency.exp())
+            cold = len(models) == 2 and m == 1
+            blocks.append(
+                ReasonBlock(
+                    items=out.numpy().astype(np.float32),
+                    mean=mean.numpy().astype(np.float32),
+                    recent=recent.numpy().astype(np.float32),
+                    decay=decay,
+                    min_history=0 if (cold or len(models) == 1) else self.config.cold_below,
+                    max_history=self.config.cold_below if cold else None,
+                )
+            )
+        return ReasonSpace(blocks, support_cap=self.config.max_history)
+
     def served_vectors(
         self,
         events: pl.DataFrame,
@@ -155,6 +188,7 @@ class Recommender:
         users, histories = user_sequences(events, self.item_index, user_ids)
         profiles = self._profile_matrix(users, user_profile_vectors)
         items = self.item_matrix()
+        extra, reason_header = self.reason_space().arrays()
         return ServedVectors(
             user_ids=users,
             user_matrix=self.user_matrix(histories, profiles),
@@ -166,7 +200,9 @@ class Recommender:
                 "bias_folded": True,
                 "popularity_prior": self.has_prior,
                 **self.meta,
+                "reason_space": reason_header,
             },
+            extra=extra,
         )
 
     def _profile_matrix(self, users: list[str], vectors: dict[str, np.ndarray] | None) -> np.ndarray | None:

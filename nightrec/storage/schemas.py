@@ -48,7 +48,16 @@ def embedding_schema(key: str, dim: int) -> pa.Schema:
     )
 
 
-REASON = pa.struct([pa.field("item_id", pa.string()), pa.field("title", pa.string()), pa.field("weight", pa.float32())])
+# weight: the reason's share of the history's attribution to the recommended item (nightrec.model.reasons), in
+# [-1, 1], reasons of one item sum to at most 1 in absolute value; phrase: a short text from catalogue data, or null
+REASON = pa.struct(
+    [
+        pa.field("item_id", pa.string()),
+        pa.field("title", pa.string()),
+        pa.field("weight", pa.float32()),
+        pa.field("phrase", pa.string()),
+    ]
+)
 
 RECOMMENDATIONS = pa.schema(
     [

@@ -26,6 +26,8 @@ class ServedVectors:
     item_ids: list[str]
     item_matrix: np.ndarray  # (n_items, d) float32
     meta: dict = field(default_factory=dict)  # model id, version, embedding model, ...
+    # further named per-item arrays the model exports with its vectors (the reason space: nightrec.model.reasons)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.user_matrix.shape[0] != len(self.user_ids) or self.item_matrix.shape[0] != len(self.item_ids):
@@ -40,7 +42,7 @@ class ServedVectors:
         return int(self.item_matrix.shape[1])
 
     def nbytes(self) -> int:
-        return int(self.user_matrix.nbytes + self.item_matrix.nbytes)
+        return int(self.user_matrix.nbytes + self.item_matrix.nbytes + sum(a.nbytes for a in self.extra.values()))
 
 
 def save_served_vectors(vectors: ServedVectors, folder: Path) -> Path:
@@ -51,6 +53,7 @@ def save_served_vectors(vectors: ServedVectors, folder: Path) -> Path:
             {
                 "user_matrix": np.ascontiguousarray(vectors.user_matrix),
                 "item_matrix": np.ascontiguousarray(vectors.item_matrix),
+                **{f"extra.{k}": np.ascontiguousarray(v) for k, v in vectors.extra.items()},
             },
             str(tmp),
         )
@@ -71,4 +74,5 @@ def load_served_vectors(folder: Path) -> ServedVectors:
         item_ids=pq.read_table(folder / "item_ids.parquet").column(0).to_pylist(),
         item_matrix=tensors["item_matrix"],
         meta=json.loads((folder / "meta.json").read_text()),
+        extra={k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")},
     )

@@ -238,6 +238,7 @@ def _transform(
         list(vectors.item_ids),
         np.ascontiguousarray(items, np.float32),
         meta,
+        extra=dict(vectors.extra),  # the reason space explains the model's own vectors, compressed or not
     )
 
 

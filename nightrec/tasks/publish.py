@@ -4,10 +4,12 @@ Seen items are removed *before* cutting to k: the index is queried deeper than k
 excluded items), and users still short of k after filtering are queried again deeper, so nobody gets fewer than k
 items while the catalogue has k items left for them.
 
-Reasons: for each recommended item, the user's history items (the newest ``reason_history``) closest to it in the
-served item space, weighted by cosine similarity. The model builds a user's vector by pooling the vectors of their
-history items and stepping towards them, so the history items nearest to a recommended item are the ones that pull
-its score up; the weight says how strongly. Users without history get lists without reasons.
+Reasons: for each recommended item, the user's history items (the newest ``reason_history``) that add the most to
+its score, by the model's own attribution (:mod:`nightrec.model.reasons`: each history item's additive part of the
+score); the weight is that part's share of the history's total attribution to the item (sum of |parts| = 1), so
+weights spread and sum to at most 1 per item. Vectors without a reason space (saved before it existed) fall back to
+cosine similarity in the served item space. A reason gets a short phrase from item data where the catalogue has it
+(shared genres, the same series). Users without history get lists without reasons.
 
 Memory is bounded by one batch of ``batch_users`` users (plus the history index, a few bytes per event).
 """
@@ -15,6 +17,7 @@ Memory is bounded by one batch of ``batch_users`` users (plus the history index,
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nightrec.model.reasons import ReasonSpace
 from nightrec.shards import shard_bounds
 from nightrec.storage import atomic
 from nightrec.storage.schemas import RECOMMENDATIONS
@@ -91,7 +95,8 @@ def build_lists(
         banned[[i for i, item in enumerate(item_index.item_ids) if item in exclude_items]] = True
 
     offsets, hist_rows = user_histories(history_before(history, run_date), vectors.user_ids, vectors.item_ids)
-    unit = _reason_space(vectors)
+    attribution = _attribution(vectors)
+    phrases = ReasonPhrases.from_items(items, vectors.item_ids)
     titles = _titles(items, vectors.item_ids)
     item_id_arr = pa.array(vectors.item_ids, pa.string())
     user_id_arr = pa.array(vectors.user_ids, pa.string())
@@ -115,7 +120,8 @@ def build_lists(
             rec_vec,
             scores,
             counts,
-            _reasons(unit, rec_vec, seen_offsets, seen_vec, n_reasons, reason_history),
+            _reasons(attribution, rec_vec, seen_offsets, seen_vec, n_reasons, reason_history),
+            phrases,
             run_date,
             version,
         )
@@ -188,11 +194,20 @@ def top_k_unseen(
     return out_rows, out_scores, counts
 
 
-def _reason_space(vectors: ServedVectors) -> np.ndarray:
-    """Unit-length item vectors for reasons; the folded bias column is left out (a bias is not a likeness)."""
+def _attribution(vectors: ServedVectors):
+    """``f(recs (B, k), hist (B, L) newest first, full history lengths (B,)) -> (B, k, L)`` reason scores and whether
+    they are additive parts of the score (the model's reason space) or cosine similarities (the fallback)."""
+    space = ReasonSpace.from_arrays(vectors.extra, vectors.meta.get("reason_space"))
+    if space is not None:
+        return space.contributions, True
+    # the folded bias column is left out (a bias is not a likeness)
     matrix = vectors.item_matrix[:, :-1] if vectors.meta.get("bias_folded") else vectors.item_matrix
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return (matrix / np.maximum(norms, 1e-12)).astype(np.float32)
+    unit = (matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def cosine(recs: np.ndarray, hist: np.ndarray, _lengths: np.ndarray) -> np.ndarray:
+        return np.einsum("bkd,bld->bkl", unit[np.maximum(recs, 0)], unit[np.maximum(hist, 0)])
+
+    return cosine, False
 
 
 def _titles(items: pl.DataFrame, item_ids: list[str]) -> pa.Array:
@@ -204,7 +219,7 @@ def _titles(items: pl.DataFrame, item_ids: list[str]) -> pa.Array:
 
 
 def _reasons(
-    unit: np.ndarray,
+    attribution,
     rec_vec: np.ndarray,
     seen_offsets: np.ndarray,
     seen_vec: np.ndarray,
@@ -220,15 +235,16 @@ def _reasons(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ops here are small: with FAISS's OpenMP pool beside torch's, threads only spin
     try:
-        return _reasons_torch(torch, unit, rec_vec, seen_offsets, seen_vec, n_reasons, reason_history)
+        return _reasons_chunked(torch, attribution, rec_vec, seen_offsets, seen_vec, n_reasons, reason_history)
     finally:
         torch.set_num_threads(threads)
 
 
-def _reasons_torch(torch, unit, rec_vec, seen_offsets, seen_vec, n_reasons, reason_history):
+def _reasons_chunked(torch, attribution, rec_vec, seen_offsets, seen_vec, n_reasons, reason_history):
+    score_reasons, additive = attribution
     n, k = rec_vec.shape
-    unit_t = torch.from_numpy(unit)
-    lengths = np.minimum(np.diff(seen_offsets), reason_history)
+    full = np.diff(seen_offsets)
+    lengths = np.minimum(full, reason_history)
     rows = np.full((n, k, n_reasons), -1, np.int64)
     weights = np.zeros((n, k, n_reasons), np.float32)
     by_length = np.argsort(lengths, kind="stable")
@@ -243,13 +259,17 @@ def _reasons_torch(torch, unit, rec_vec, seen_offsets, seen_vec, n_reasons, reas
             hist[j, : len(newest)] = newest[::-1]  # newest first: ties go to the most recent
         recs = torch.from_numpy(rec_vec[users])
         hist_t = torch.from_numpy(hist)
-        # torch for the batched matmul and top-n: multi-threaded, and topk is several times faster than argpartition
-        sims = torch.bmm(unit_t[recs.clamp(min=0)], unit_t[hist_t.clamp(min=0)].transpose(1, 2))
-        sims.masked_fill_((hist_t < 0)[:, None, :], -torch.inf)
+        sims = torch.from_numpy(np.ascontiguousarray(score_reasons(rec_vec[users], hist, full[users]), np.float32))
+        padding = (hist_t < 0)[:, None, :]
+        if additive:  # each part as a share of the history's whole attribution to the item
+            total = sims.abs().masked_fill(padding, 0.0).sum(2, keepdim=True).clamp(min=1e-12)
+            sims = sims / total
+        sims.masked_fill_(padding, -torch.inf)
         take = min(n_reasons, width)
-        top_sims, top = torch.topk(sims, take, dim=2)  # sorted; equal similarities keep the lower (newer) slot
+        # torch's topk is several times faster than argpartition
+        top_sims, top = torch.topk(sims, take, dim=2)  # sorted; equal values keep the lower (newer) slot
         chosen = torch.gather(hist_t[:, None, :].expand(-1, recs.shape[1], -1), 2, top)
-        valid = (chosen >= 0) & (recs[:, :, None] >= 0)  # padding slots hold -1 (and -inf similarity)
+        valid = (chosen >= 0) & (recs[:, :, None] >= 0)  # padding slots hold -1 (and -inf)
         rows[users, :, :take] = torch.where(valid, chosen, -1).numpy()
         weights[users, :, :take] = torch.where(valid, top_sims, 0.0).numpy()
     present = rows >= 0  # valid reasons come first along the last axis
@@ -265,6 +285,7 @@ def _batch(
     scores: np.ndarray,
     counts: np.ndarray,
     reasons: tuple[np.ndarray, np.ndarray, np.ndarray],
+    phrases: ReasonPhrases,
     run_date: dt.date,
     version: str,
 ) -> pa.RecordBatch:
@@ -274,8 +295,14 @@ def _batch(
     reason_counts, reason_rows, reason_weights = reasons
     per_row = reason_counts[valid]
     offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    reason_for = np.repeat(rec_vec[valid], per_row)  # the recommended item each reason explains
     reason_struct = pa.StructArray.from_arrays(
-        [item_id_arr.take(pa.array(reason_rows)), titles.take(pa.array(reason_rows)), pa.array(reason_weights)],
+        [
+            item_id_arr.take(pa.array(reason_rows)),
+            titles.take(pa.array(reason_rows)),
+            pa.array(reason_weights),
+            phrases.between(reason_for, reason_rows),
+        ],
         fields=list(RECOMMENDATIONS.field("reasons").type.value_type),
     )
     n = len(users)
@@ -293,6 +320,81 @@ def _batch(
     )
 
 
+@dataclass
+class ReasonPhrases:
+    """A short phrase per (recommended item, reason item) from catalogue data alone: "same series" when their titles
+    share a series stem, else the genres they share ("both Comedy & Romance"), else none. Genres are bit masks (the
+    64 most frequent genres), so a night's millions of reasons are phrased with array operations."""
+
+    genre_names: list[str]
+    genre_masks: np.ndarray  # (n_items,) uint64
+    series: np.ndarray  # (n_items,) int64 series id, -1 = none
+
+    @classmethod
+    def from_items(cls, items: pl.DataFrame, item_ids: list[str]) -> ReasonPhrases:
+        if "genres" not in items.columns:  # a catalogue without genres: series phrases only
+            items = items.with_columns(pl.lit(None, pl.List(pl.String)).alias("genres"))
+        lookup = pl.DataFrame({"item_id": item_ids}).join(
+            items.select("item_id", "title", "genres").unique("item_id", keep="last"),
+            on="item_id",
+            how="left",
+            maintain_order="left",
+        )
+        genres = [g or [] for g in lookup["genres"].to_list()]
+        counts: dict[str, int] = {}
+        for listed in genres:
+            for g in listed:
+                counts[g] = counts.get(g, 0) + 1
+        names = sorted(counts, key=lambda g: (-counts[g], g))[:64]
+        bit = {g: np.uint64(1) << np.uint64(b) for b, g in enumerate(names)}
+        masks = np.zeros(len(item_ids), np.uint64)
+        for row, listed in enumerate(genres):
+            for g in listed:
+                if g in bit:
+                    masks[row] |= bit[g]
+        stems = [series_stem(t) for t in lookup["title"].to_list()]
+        tally: dict[str, int] = {}
+        for st in stems:
+            if st:
+                tally[st] = tally.get(st, 0) + 1
+        ids: dict[str, int] = {}
+        series = np.full(len(item_ids), -1, np.int64)
+        for row, st in enumerate(stems):
+            if st and tally[st] > 1:  # a series needs two items
+                series[row] = ids.setdefault(st, len(ids))
+        return cls(names, masks, series)
+
+    def between(self, recommended: np.ndarray, reasons: np.ndarray) -> pa.Array:
+        if len(reasons) == 0:
+            return pa.array([], pa.string())
+        recommended, reasons = np.asarray(recommended), np.asarray(reasons)
+        same = (self.series[recommended] >= 0) & (self.series[recommended] == self.series[reasons])
+        common = self.genre_masks[recommended] & self.genre_masks[reasons]
+        values, inverse = np.unique(common, return_inverse=True)
+        text = np.array([self._genres_phrase(int(v)) for v in values], dtype=object)[inverse]
+        text[same] = "same series"
+        return pa.array(text.tolist(), pa.string())
+
+    def _genres_phrase(self, mask: int) -> str | None:
+        names = [g for b, g in enumerate(self.genre_names) if mask >> b & 1]
+        return "both " + " & ".join(names[:2]) if names else None
+
+
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+_SEQUEL = re.compile(r"(\s*[:\-,]\s*|\s+)(part\s+)?([0-9]+|i{1,3}|iv|v|vi{0,3})$")
+
+
+def series_stem(title: str | None) -> str | None:
+    """A title's series key: lower case, the year, a sequel number ("2", "III", "Part 2") and any subtitle after
+    ":" removed; None when too short to mean anything."""
+    if not title:
+        return None
+    stem = _YEAR.sub("", title.strip().lower())
+    stem = stem.split(":")[0].strip()
+    stem = _SEQUEL.sub("", stem).strip()
+    return stem if len(stem) >= 4 else None
+
+
 ListsInRange = Callable[[str | None, str | None], pa.Table]
 
 
@@ -306,6 +408,7 @@ class ListsCheck:
     users: int
     unexplained_users: int = 0
     unexplained_examples: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)  # what the lists hold (ListStats.summary): coverage, reason weights
 
     @property
     def ok(self) -> bool:
@@ -347,6 +450,7 @@ def check_lists(
     """
     found: dict[str, tuple[int, list]] = {}
     unexplained: dict[str, tuple[int, list]] = {}
+    stats = ListStats()
     in_range_of = lists if callable(lists) else _table_ranges(lists)
     users = sorted(set(user_ids))
     cite = None if explainable is None else pl.DataFrame({"item_id": list(explainable)}, schema={"item_id": pl.String})
@@ -354,6 +458,7 @@ def check_lists(
     for chunk, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         rows = pl.from_arrow(in_range_of(lo, hi).select(_CHECKED))
         mine = users[chunk * chunk_users : (chunk + 1) * chunk_users]
+        stats.add(rows)
         _check_chunk(found, unexplained, rows, history.filter(_user_range(lo, hi)), mine, k, catalogue, cite)
     count, examples = unexplained.get(_UNEXPLAINED, (0, []))
     problems = [f"{n} {what}, e.g. {ex}" for what, (n, ex) in found.items()]
@@ -363,7 +468,52 @@ def check_lists(
             f"model can explain, so their lists have no reasons: above max_unexplained_share="
             f"{max_unexplained_share:g} (NIGHTREC_MAX_UNEXPLAINED_SHARE), e.g. {examples}"
         )
-    return ListsCheck(problems, len(users), count, examples)
+    return ListsCheck(problems, len(users), count, examples, stats.summary(len(catalogue) if catalogue else None))
+
+
+@dataclass
+class ListStats:
+    """What a night's lists hold, gathered chunk by chunk (memory: one count per item, a fixed histogram): how many
+    distinct items they cover, how concentrated they are on one item, how the top reason's weight spreads, and how
+    many reasons carry a phrase."""
+
+    item_counts: dict = field(default_factory=dict)
+    lists: int = 0
+    weight_hist: np.ndarray = field(default_factory=lambda: np.zeros(WEIGHT_BINS, np.int64))
+    reasons: int = 0
+    phrased: int = 0
+
+    def add(self, rows: pl.DataFrame) -> None:
+        if rows.height == 0:
+            return
+        for item, n in rows.group_by("item_id").len().iter_rows():
+            self.item_counts[item] = self.item_counts.get(item, 0) + n
+        self.lists += rows["user_id"].n_unique()
+        top = rows.select(pl.col("reasons").list.first().struct.field("weight")).drop_nulls().to_series().to_numpy()
+        self.weight_hist += np.histogram(np.clip(top, -1, 1), bins=WEIGHT_BINS, range=(-1.0, 1.0))[0]
+        flat = rows.select(pl.col("reasons").explode()).drop_nulls()
+        self.reasons += flat.height
+        if flat.height and "phrase" in flat.schema["reasons"].to_schema():
+            self.phrased += flat.select(pl.col("reasons").struct.field("phrase").is_not_null().sum()).item()
+
+    def summary(self, catalogue_size: int | None) -> dict:
+        out: dict = {"list_items_distinct": len(self.item_counts)}
+        if catalogue_size:
+            out["list_coverage"] = len(self.item_counts) / catalogue_size
+        if self.lists:
+            out["list_top_item_share"] = max(self.item_counts.values(), default=0) / self.lists
+        total = int(self.weight_hist.sum())
+        if total:
+            cdf = np.cumsum(self.weight_hist) / total
+            centres = np.linspace(-1, 1, WEIGHT_BINS + 1)[1:]  # upper edges: a quantile to within one bin (0.05)
+            for q in (10, 50, 90):
+                out[f"reason_weight_p{q}"] = float(centres[np.searchsorted(cdf, q / 100)])
+        if self.reasons:
+            out["reason_phrase_share"] = self.phrased / self.reasons
+        return out
+
+
+WEIGHT_BINS = 40
 
 
 _UNEXPLAINED = "users with history but no explainable item"

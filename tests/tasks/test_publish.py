@@ -109,7 +109,7 @@ def test_lists_match_brute_force_and_pass_the_checker(tmp_path):
     only = history.filter(pl.col("user_id") == "u001")["item_id"][0]
     assert single.height == K
     assert all(
-        r == [{"item_id": only, "title": f"Title {only}", "weight": r[0]["weight"]}]
+        r == [{"item_id": only, "title": f"Title {only}", "weight": r[0]["weight"], "phrase": None}]
         for r in single["reasons"].to_list()
     )
     assert frame.filter(pl.col("user_id") == "u000")["reasons"].list.len().max() == 0  # no history, no reasons
@@ -365,3 +365,18 @@ def test_movielens_lists_for_every_user_pass_the_checker(movielens_100k, tmp_pat
     one = publication.read_user_list(lake, user_ids[0])
     assert one["rank"].to_list() == list(range(1, 51)) and one["reasons"].list.len().min() >= 1
     assert all(r["title"] for reasons in one["reasons"].to_list() for r in reasons)
+
+
+def test_the_checker_reports_coverage_concentration_and_reason_weights(tmp_path):
+    vectors, history, items = world()
+    table = build(tmp_path, vectors, history, items)
+    before = publish.history_before(history, RUN)
+    stats = publish.check_lists(table, before, vectors.user_ids, K, chunk_users=7).stats
+    frame = pl.from_arrow(table)
+    assert stats["list_items_distinct"] == frame["item_id"].n_unique()
+    top_count = frame.group_by("item_id").len()["len"].max()
+    assert stats["list_top_item_share"] == pytest.approx(top_count / frame["user_id"].n_unique())
+    top_weights = frame.select(pl.col("reasons").list.first().struct.field("weight")).drop_nulls().to_series()
+    assert stats["reason_weight_p50"] == pytest.approx(top_weights.median(), abs=0.05)  # to within one bin
+    assert stats["reason_weight_p10"] <= stats["reason_weight_p50"] <= stats["reason_weight_p90"]
+    assert stats["reason_phrase_share"] == 0.0  # the catalogue has no genres and no series
