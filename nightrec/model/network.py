@@ -77,9 +77,13 @@ class MetaRecModel(nn.Module):
         self.register_buffer("known", torch.ones(n_items, dtype=torch.bool))
 
     # --- items --------------------------------------------------------------------------------------------------
-    def item_tables(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(output vectors, biases, history-side vectors) for every item."""
-        known = self.known.unsqueeze(1).to(text.dtype)
+    def item_tables(
+        self, text: torch.Tensor, id_keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(output vectors, biases, history-side vectors) for every item; ``id_keep`` (n_items,) bool switches the ID
+        parts off where False (ID dropout in training: those items are scored by their text alone)."""
+        known = self.known if id_keep is None else self.known & id_keep
+        known = known.unsqueeze(1).to(text.dtype)
         use_text = 1.0 if self.config.use_text else 0.0
         use_id = known if self.config.use_id else torch.zeros_like(known)
         out = use_text * self.item_adaptor(text) + use_id * self.item_id.weight
