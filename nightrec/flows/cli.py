@@ -96,8 +96,10 @@ def ingest(
 @app.command()
 def nightly(date: DateOption = None) -> None:
     """The whole DAG for one date (default: today in the configured time zone)."""
-    _settings()
-    from nightrec.flows.locks import RunInProgressError
+    settings = _settings()
+    from nightrec.flows.locks import RunInProgressError, start_temporary_prefect_server
+
+    start_temporary_prefect_server(settings.home)
     from nightrec.flows.nightly import nightly as nightly_flow
 
     try:
@@ -114,8 +116,11 @@ def backfill(
     force: Annotated[bool, typer.Option(help="Re-run dates that are already published.")] = False,
 ) -> None:
     """Nightly for each date, oldest first, skipping published dates unless --force; re-running resumes."""
-    _settings()
+    settings = _settings()
+    from nightrec.flows.locks import start_temporary_prefect_server
     from nightrec.flows.nightly import BackfillError
+
+    start_temporary_prefect_server(settings.home)
     from nightrec.flows.nightly import backfill as backfill_flow
 
     try:
@@ -171,7 +176,10 @@ def demo(
     os.environ["NIGHTREC_EVENTS_SOURCE"] = str(paths["events"])
     os.environ["NIGHTREC_ITEMS_SOURCE"] = str(paths["items"])
     os.environ["NIGHTREC_USERS_SOURCE"] = str(paths["users"])
+    from nightrec.flows.locks import start_temporary_prefect_server
     from nightrec.flows.nightly import nightly as nightly_flow
+
+    start_temporary_prefect_server(settings.home)
 
     summary = nightly_flow(run_date=spec.end + dt.timedelta(days=1), trigger="manual")
     _print_night(summary)

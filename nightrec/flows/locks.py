@@ -1,4 +1,5 @@
-"""One nightly run per date at a time: an OS file lock that dies with its process (no stale locks after a crash)."""
+"""One nightly run per date at a time: an OS file lock that dies with its process (no stale locks after a crash).
+And one start of the temporary Prefect server per home at a time."""
 
 from __future__ import annotations
 
@@ -36,3 +37,32 @@ def date_lock(home: Path, day: dt.date) -> Iterator[Path]:
         yield path
     finally:
         handle.close()  # closing releases the lock
+
+
+@contextlib.contextmanager
+def home_lock(home: Path, name: str) -> Iterator[None]:
+    """Hold ``HOME/locks/NAME.lock`` exclusively, waiting for another holder."""
+    path = Path(home) / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def start_temporary_prefect_server(home: Path) -> str | None:
+    """Start this process's temporary Prefect server now, one process of the home at a time; its API URL, or None
+    when a server is configured (PREFECT_API_URL).
+
+    The temporary server creates and migrates the SQLite database under PREFECT_HOME when it starts. Two processes
+    starting theirs at once on a fresh home ran the same migrations together (``duplicate column name``) and both
+    failed. Prefect keeps one temporary server per process, so the flow run later uses the one started here."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    with home_lock(home, "prefect-server"):  # the next process finds the database created and migrated
+        server.start()
+    return server.api_url

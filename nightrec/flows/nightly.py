@@ -6,6 +6,7 @@ child run per stage, and a work folder ``HOME/runs/DATE/RUN_ID`` through which t
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import shutil
 from pathlib import Path
@@ -16,10 +17,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from nightrec.flows import plots, recovery, scaleout, stages
-from nightrec.flows.locks import date_lock
+from nightrec.flows.locks import date_lock, home_lock
 from nightrec.redaction import redact
 from nightrec.settings import Settings
-from nightrec.storage import tracking
+from nightrec.storage import locking, tracking
 from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import Lake
 from nightrec.tasks.catalogue import MISSING_METRICS
@@ -52,15 +53,22 @@ def nightly(run_date: dt.date | None = None, trigger: str = "manual") -> dict:
     settings = Settings()
     day = resolve_run_date(run_date, settings.timezone)
     settings.home.mkdir(parents=True, exist_ok=True)
-    with date_lock(settings.home, day), scaleout.shard_plan(settings) as plan:
-        return _run_night(settings, day, trigger, plan)
+    with date_lock(settings.home, day), scaleout.shard_plan(settings) as plan, contextlib.ExitStack() as held:
+        return _run_night(settings, day, trigger, plan, held)
 
 
-def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.ShardPlan | None = None) -> dict:
+def _run_night(
+    settings: Settings,
+    day: dt.date,
+    trigger: str,
+    plan: scaleout.ShardPlan | None = None,
+    held: contextlib.ExitStack | None = None,
+) -> dict:
+    """The stages in order; from the end of ingest on, ``held`` holds the lake's night-reads lock, so every stage
+    reads the same events and catalogue (an ingest that would change them waits for this night)."""
     from nightrec.storage import registry
 
-    client = tracking.client_for(settings.tracking_uri)
-    exp = tracking.experiment_id(client, settings.mlflow_experiment, settings.artifact_root)
+    client, exp = night_tracking(settings)
     recovery.recover_unfinished_nights(client, exp, settings.registered_model, day)  # under the lock: dead runs
     tags = {
         "nightrec.run_date": day.isoformat(),
@@ -77,6 +85,8 @@ def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.Sh
         failpoint("before:ingest")
         if settings.events_source or settings.items_source or settings.users_source:
             summary["ingest"] = stages.ingest_sources(parent)
+        if held is not None:
+            held.enter_context(locking.night_reads(locking.reads_lock_file(Lake(settings.lake_root)), day))
         failpoint("after:ingest")
         summary["embed_items"] = scaleout.embed_items(plan, parent, str(workdir))
         failpoint("after:embed-items")
@@ -102,6 +112,14 @@ def _run_night(settings: Settings, day: dt.date, trigger: str, plan: scaleout.Sh
     tracking.finish_run(client, parent)
     _prune_work_folders(settings.home / "runs")
     return summary
+
+
+def night_tracking(settings: Settings) -> tuple:
+    """(MLflow client, the nights' experiment id). The first use of a fresh home creates and migrates its SQLite
+    database and the experiment: one process of the home at a time (two at once failed on the migrations)."""
+    with home_lock(settings.home, "mlflow-store"):
+        client = tracking.client_for(settings.tracking_uri)
+        return client, tracking.experiment_id(client, settings.mlflow_experiment, settings.artifact_root)
 
 
 def _report(settings: Settings, client, exp: str, parent: str, summary: dict) -> None:
@@ -197,8 +215,7 @@ def finished_dates(settings: Settings) -> set[dt.date]:
     A partition alone is not enough: a night killed between the partition swap and the ``LATEST`` move leaves
     ``date=D/`` in place, the pointer on an older night and its run RUNNING. A backfill re-runs such a date, which
     moves the pointer and closes the dead run (KILLED, by recovery)."""
-    client = tracking.client_for(settings.tracking_uri)
-    exp = tracking.experiment_id(client, settings.mlflow_experiment, settings.artifact_root)
+    client, exp = night_tracking(settings)
     runs = client.search_runs(
         [exp],
         filter_string="tags.`nightrec.kind` = 'nightly' and attributes.status = 'FINISHED'",

@@ -406,6 +406,7 @@ def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sou
         rejected = quarantined_rows(validated, mapped_columns, source).collect(engine="streaming")
         rejected = rejected.rename({ours: theirs for ours, theirs in zip(mapped_columns, source_columns, strict=True)})
     staging = atomic.new_staging_dir(lake.root, "ingest")
+    changes = locking.IngestChanges(locking.reads_lock_file(lake))
     try:
         if report.rows > report.quarantined:
             # Every row is read and typed before the first partition is touched: a file that fails mid-way
@@ -418,11 +419,12 @@ def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sou
             day = day_rows["_date"][0]
             unique = day_rows.drop("_date").unique()
             kept += unique.height
-            _merge_into_partition(lake, day, unique)
+            _merge_into_partition(lake, day, unique, changes)
             report.dates.append(day.isoformat())
             failpoint("ingest:mid-merge")  # some days rewritten, others not yet
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        changes.close()  # the nights waiting on these days now read all of this file
     report.valid = kept
     report.duplicates = report.rows - report.quarantined - kept
     if rejected is not None:
@@ -430,12 +432,19 @@ def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sou
     return report
 
 
-def _merge_into_partition(lake: Lake, day: dt.date, part: pl.DataFrame) -> None:
-    """Union with what the day already holds, drop exact repeats, rewrite the day whole (idempotent re-ingest)."""
+def _merge_into_partition(lake: Lake, day: dt.date, part: pl.DataFrame, changes: locking.IngestChanges) -> None:
+    """Union with what the day already holds, drop exact repeats, rewrite the day whole; a day that gains no row
+    is left alone (a re-ingest writes nothing, and waits for no running night)."""
     existing_file = lake.events_partition(day) / PART_FILE
+    existing_rows = 0
     if existing_file.exists():
-        part = pl.concat([lake.read_events_partition(day), part], how="vertical_relaxed")
+        existing = lake.read_events_partition(day)
+        existing_rows = existing.height
+        part = pl.concat([existing, part], how="vertical_relaxed")
     merged = part.unique().sort("timestamp", "user_id", "item_id", "event_type", "value", nulls_last=True)
+    if existing_file.exists() and merged.height == existing_rows:  # the day is unique already: nothing new
+        return
+    changes.day(day)  # waits while a running night of a later date reads this day
     lake.write_events_partition(day, merged.cast(_events_frame_schema()))
 
 
@@ -529,7 +538,8 @@ def ingest_items_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sour
     existing = pl.read_parquet(lake.items_file) if lake.items_file.exists() else None
     merged = merge_items(existing, items)
     report.valid = items.height - report.duplicates
-    atomic.write_parquet_atomic(merged.to_arrow().cast(ITEMS), lake.items_file)
+    if existing is None or not merged.equals(merge_items(None, existing)):
+        _change_catalogue(lake, lambda: atomic.write_parquet_atomic(merged.to_arrow().cast(ITEMS), lake.items_file))
     if rejected.height:
         lake.append_quarantine(now.date(), rejected, f"items-{_batch_id(source, rejected)}")
     return report
@@ -559,8 +569,19 @@ def ingest_users_frame(lake: Lake, frame: pl.LazyFrame, source: str) -> IngestRe
             [existing.filter(~pl.col("user_id").is_in(users["user_id"].implode())), users], how="diagonal"
         )
     users = users.sort("user_id")
-    atomic.write_parquet_atomic(users.to_arrow(), lake.users_file)
+    if existing is None or not users.equals(existing.sort("user_id")):
+        _change_catalogue(lake, lambda: atomic.write_parquet_atomic(users.to_arrow(), lake.users_file))
     return IngestReport(source=source, rows=users.height, valid=users.height)
+
+
+def _change_catalogue(lake: Lake, write) -> None:
+    """Run ``write`` once no running night reads the catalogue (items and users)."""
+    changes = locking.IngestChanges(locking.reads_lock_file(lake))
+    try:
+        changes.catalogue()
+        write()
+    finally:
+        changes.close()
 
 
 def ingest_users_file(lake: Lake, path: Path) -> IngestReport:

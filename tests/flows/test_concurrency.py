@@ -7,6 +7,7 @@ file, nightrec/storage/failpoints.py) while the others start, so no test depends
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 import polars as pl
 import pytest
@@ -98,3 +99,50 @@ def test_two_ingests_at_once_land_every_row(tmp_path, monkeypatch):
     assert events.height == rows
     assert events["user_id"].n_unique() == 80 and len(lake.event_dates()) == 10
     assert processes.leftovers(lake.root) == []
+
+
+def fresh_home_environment(**extra: str) -> dict[str, str]:
+    """No Prefect server configured: each process starts its own temporary one on the home's database."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("NIGHTREC_FAILPOINT", "PREFECT_API", "PREFECT_HOME"))
+    }
+    return {**env, **extra}
+
+
+def test_two_dates_on_a_fresh_home_both_complete_and_an_ingest_waits_for_the_night(tmp_path, monkeypatch):
+    """Before: the two processes' temporary Prefect servers ran the fresh database's migrations together
+    (``duplicate column name``) and both nights failed; and an ingest during a night changed its events between
+    training and publishing."""
+    demo_home(tmp_path, monkeypatch, SPEC)
+    monkeypatch.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
+    hold, markers = "after:ingest", tmp_path / "markers"
+    logs = {name: tmp_path / f"{name}.log" for name in ("first", "other", "second", "ingest")}
+    held = fresh_home_environment(NIGHTREC_FAILPOINT=hold, NIGHTREC_FAILPOINT_DIR=str(markers))
+    first = processes.start(["nightly", "--date", D1.isoformat()], held, logs["first"])
+    other = processes.start(["nightly", "--date", D2.isoformat()], fresh_home_environment(), logs["other"])
+    processes.wait_for_hit(first, markers, hold, logs["first"])  # D1 ingested and now holds what it reads
+
+    second = processes.start(["nightly", "--date", D1.isoformat()], fresh_home_environment(), logs["second"])
+    assert processes.finish(second, logs["second"]) == RUN_IN_PROGRESS_EXIT, processes.tail(logs["second"])
+    late = tmp_path / "late.csv"
+    late.write_text(
+        "user_id,item_id,timestamp\n" + "".join(f"late-u,late-i{i},{SPEC.end}T12:0{i}:00Z\n" for i in range(3))
+    )
+    late_ingest = processes.start(["ingest", "--events", str(late)], fresh_home_environment(), logs["ingest"])
+    processes.wait_for_text(late_ingest, logs["ingest"], "waiting for the running nightly that reads events of")
+    processes.release(markers, hold)
+    for name, proc in (("first", first), ("other", other), ("ingest", late_ingest)):
+        assert processes.finish(proc, logs[name]) == 0, processes.tail(logs[name])
+
+    lake = Lake(Settings().lake_root)
+    assert lake.published_dates() == [D1, D2] and lake.read_latest_pointer()["date"] == D2.isoformat()
+    assert lake.scan_events(before=D1).filter(pl.col("user_id") == "late-u").collect().height == 3
+    # D1 read one lake from its ingest on: the late rows reached neither its training nor its lists.
+    assert "late-u" not in set(pl.from_arrow(publication.read_day(lake, D1))["user_id"])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(Settings().tracking_uri)
+    exp = client.get_experiment_by_name(Settings().mlflow_experiment).experiment_id
+    train = client.search_runs([exp], filter_string="attributes.run_name = 'train'")
+    by_night = {client.get_run(r.data.tags["mlflow.parentRunId"]).data.tags["nightrec.run_date"]: r for r in train}
+    assert by_night[D1.isoformat()].data.metrics["events"] == lake.scan_events(before=D1).collect().height - 3
