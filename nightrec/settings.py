@@ -195,6 +195,9 @@ def prefect_environment(settings: Settings) -> dict[str, str]:
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # The temporary server of a night serves no UI, so no browser page has any business calling it; Prefect's
+        # default, "*", would let any web page read its answers (`nightrec serve` sets its own origin instead).
+        "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": "http://127.0.0.1",
     }
     if settings.prefect_api_url:
         env["PREFECT_API_URL"] = settings.prefect_api_url

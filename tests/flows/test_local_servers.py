@@ -48,6 +48,12 @@ def test_a_non_loopback_server_needs_the_auth_string():
     assert "*" not in local["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] and local["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"]
 
 
+def test_the_nights_temporary_server_answers_no_web_page(home):
+    from nightrec.settings import prefect_environment
+
+    assert prefect_environment(Settings())["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1"  # no port
+
+
 # --- the Prefect server of `nightrec serve` -----------------------------------------------------------------------
 @contextlib.contextmanager
 def api_client(api_url: str):
