@@ -66,3 +66,14 @@ def start_temporary_prefect_server(home: Path) -> str | None:
     with home_lock(home, "prefect-server"):  # the next process finds the database created and migrated
         server.start()
     return server.api_url
+
+
+def open_tracking(home: Path, tracking_uri: str, experiment: str, artifact_root: str) -> tuple:
+    """(MLflow client, the experiment's id). The first use of a fresh home creates and migrates its SQLite database
+    and creates the experiment: one process of the home at a time (two at once failed on the migrations, or on the
+    experiment's unique name)."""
+    from nightrec.storage import tracking
+
+    with home_lock(home, "mlflow-store"):
+        client = tracking.client_for(tracking_uri)
+        return client, tracking.experiment_id(client, experiment, artifact_root)

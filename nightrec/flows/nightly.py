@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from nightrec.flows import plots, recovery, scaleout, stages
-from nightrec.flows.locks import date_lock, home_lock
+from nightrec.flows.locks import date_lock, open_tracking
 from nightrec.redaction import redact
 from nightrec.settings import Settings
 from nightrec.storage import locking, tracking
@@ -115,11 +115,8 @@ def _run_night(
 
 
 def night_tracking(settings: Settings) -> tuple:
-    """(MLflow client, the nights' experiment id). The first use of a fresh home creates and migrates its SQLite
-    database and the experiment: one process of the home at a time (two at once failed on the migrations)."""
-    with home_lock(settings.home, "mlflow-store"):
-        client = tracking.client_for(settings.tracking_uri)
-        return client, tracking.experiment_id(client, settings.mlflow_experiment, settings.artifact_root)
+    """(MLflow client, the nights' experiment id), opened once per home at a time (:func:`locks.open_tracking`)."""
+    return open_tracking(settings.home, settings.tracking_uri, settings.mlflow_experiment, settings.artifact_root)
 
 
 def _report(settings: Settings, client, exp: str, parent: str, summary: dict) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from nightrec.flows.locks import open_tracking
 from nightrec.settings import Settings
 from nightrec.storage import tracking
 
@@ -34,8 +35,8 @@ def run_offline_evaluation(
 
     name = Path(dataset_dir).name
     dataset = load_catalogue(dataset_dir)
-    client = tracking.client_for(settings.tracking_uri)
-    exp = tracking.experiment_id(client, f"{settings.mlflow_experiment}-offline", settings.artifact_root)
+    experiment = f"{settings.mlflow_experiment}-offline"
+    client, exp = open_tracking(settings.home, settings.tracking_uri, experiment, settings.artifact_root)
     run_id = tracking.start_run(
         client, exp, f"evaluate-{name}", {"nightrec.kind": "offline", "dataset": str(dataset_dir)}
     )

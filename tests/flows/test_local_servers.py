@@ -37,6 +37,44 @@ def test_only_the_servers_own_host_and_origin_pass():
     assert "Origin" in refusal("127.0.0.1:4200", "http://127.0.0.1:8080", hosts, origins)
 
 
+def through_guard(scope: dict) -> tuple[tuple, list[str]]:
+    """One request through :class:`OwnOriginOnly` for 127.0.0.1:4200: (its first reply as (type, status or close
+    code), or () when it passed; the scope types that reached the app behind it)."""
+    import asyncio
+
+    from nightrec.deployments.guard import OwnOriginOnly
+
+    reached: list[str] = []
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["type"])
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(OwnOriginOnly(app, *own_addresses("127.0.0.1", 4200))(scope, receive, send))
+    reply = (sent[0]["type"], sent[0].get("status", sent[0].get("code"))) if sent else ()
+    return reply, reached
+
+
+def request(kind: str, **headers: str) -> dict:
+    return {"type": kind, "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+
+
+def test_the_guard_stops_foreign_requests_and_websockets_before_the_app():
+    own = "127.0.0.1:4200"
+    assert through_guard(request("http", host=own, origin=f"http://{EVIL}")) == (("http.response.start", 403), [])
+    assert through_guard(request("websocket", host=own, origin=f"http://{EVIL}")) == (("websocket.close", 1008), [])
+    assert through_guard(request("websocket", host=f"{EVIL}:4200")) == (("websocket.close", 1008), [])
+    assert through_guard(request("http", host=own)) == ((), ["http"])
+    assert through_guard(request("websocket", host=own, origin=f"http://{own}")) == ((), ["websocket"])
+    assert through_guard({"type": "lifespan"}) == ((), ["lifespan"])
+
+
 def test_a_non_loopback_server_needs_the_auth_string():
     with pytest.raises(ValueError, match="PREFECT_SERVER_API_AUTH_STRING"):
         server_environment("10.1.2.3", 4200, {})
