@@ -167,7 +167,30 @@ def main() -> None:
     print(result.summary_markdown() + "\n")
     for run in result.runs:
         print(f"seed {run.info['seed']}: peers {json.dumps(run.info['peer_params'], default=str)}", file=sys.stderr)
-    print(json.dumps({"dataset": args.dataset, "seeds": args.seeds, "seconds": seconds, **result.summary()}))
+    reasons = _reasons_table(result.runs)
+    if reasons:
+        print(reasons + "\n")
+    fidelity = {k: _mean_over(result.runs, k) for k in ("reasons", "reasons_cosine")}
+    summary = {"dataset": args.dataset, "seeds": args.seeds, "seconds": seconds, **result.summary(), **fidelity}
+    print(json.dumps(summary))
+
+
+def _mean_over(runs, key: str) -> dict:
+    rows = [r.info[key] for r in runs if key in r.info]
+    return {k: round(float(np.mean([row[k] for row in rows])), 4) for k in rows[0]} if rows else {}
+
+
+def _reasons_table(runs) -> str:
+    """The deletion test of the published reasons (model attribution vs cosine), mean ± std over seeds."""
+    columns = ("share_top_lowers_more", "share_lists", "mean_rank_drop_top", "mean_rank_drop_random")
+    lines = ["| reasons by | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for key, label in (("reasons", "model attribution (published)"), ("reasons_cosine", "cosine (before)")):
+        rows = [r.info[key] for r in runs if key in r.info]
+        if not rows:
+            return ""
+        cells = [f"{np.mean([row[c] for row in rows]):.3f} ± {np.std([row[c] for row in rows]):.3f}" for c in columns]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ class TrainConfig:
     epochs: int | None = None
     max_epochs: int = 100
     patience: int = 10  # epochs; the validation curve of a small catalogue is noisy at the 0.01 level
+    # a better validation NDCG@10 by less than this is no improvement: a warm start at its plateau then stops after
+    # `patience` epochs instead of creeping up by noise
+    min_delta: float = 0.002
     epochs_without_validation: int = 30  # epochs=None on a catalogue too small to hold validation users out
     # Gift Cards (~400 users, 3 steps an epoch at 128): batch 16 made the validation curve swing by 0.05 NDCG from one
     # epoch to the next and early stopping then picked a lucky epoch (test warm NDCG@10 0.151); 128 rises smoothly
@@ -66,6 +69,16 @@ class TrainConfig:
     # then train again on every user (the weights carry over): Gift Cards (~400 users) lost 5 % warm NDCG@10 to the
     # held-out 10 %; doubles the training time
     calibration_refit: bool = True
+    # the order-aware part of the score: a SASRec-CE network (nightrec.model.sasrec) trained beside the meta-learned
+    # one, early-stopped on the same validation, its score added with one weight per history-length bucket fitted
+    # on the calibration users (0 where it does not help); skipped on catalogues above sampled_softmax_above
+    sequence_part: bool = True
+    sequence_hidden: int = 64
+    # None: tuned on the validation (dropout {0.2, 0.5} x max_len {50, 100}, nightrec.model.sasrec.default_grid);
+    # a value: one trial with it and sequence_max_len
+    sequence_dropout: float | None = None
+    sequence_max_len: int = 50
+    sequence_lr: float = 1e-3
     seed: int = 42
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 

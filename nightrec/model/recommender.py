@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from nightrec.model.config import TrainConfig, cold_config
 from nightrec.model.network import MetaRecModel
 from nightrec.model.reasons import ReasonBlock, ReasonSpace
+from nightrec.model.sasrec import SASRec
 from nightrec.model.sequences import pad_histories, user_sequences
 from nightrec.storage import atomic
 from nightrec.storage.vectors import ServedVectors
@@ -52,6 +53,11 @@ class Recommender:
     # calibration users (nightrec.tasks.train). None: no prior (a model saved before it existed).
     popularity: np.ndarray | None = None
     popularity_beta: np.ndarray | None = None
+    # The order-aware part: a SASRec-CE network over the ordered history (nightrec.model.sasrec) whose score is
+    # added with one weight per history-length bucket (``sequence_weight``, fitted on the calibration users beside
+    # the popularity prior). None: no sequence part (a model saved before it existed, or turned off).
+    sequence: SASRec | None = None
+    sequence_weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
@@ -74,9 +80,21 @@ class Recommender:
             return np.zeros(len(lengths), dtype=np.float32)
         return np.asarray(self.popularity_beta, dtype=np.float32)[history_bucket(lengths)]
 
+    @property
+    def has_sequence(self) -> bool:
+        return self.sequence is not None and self.sequence_weight is not None
+
+    def sequence_weights(self, lengths) -> np.ndarray:
+        """The sequence part's weight for users with these history lengths (0 without one)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if not self.has_sequence:
+            return np.zeros(len(lengths), dtype=np.float32)
+        return np.asarray(self.sequence_weight, dtype=np.float32)[history_bucket(lengths)]
+
     @torch.inference_mode()
-    def item_matrix(self, prior: bool = True) -> np.ndarray:
-        """(n_items, dim + 1) item vectors, bias as the last column; the cold model's block appended when present.
+    def item_matrix(self, prior: bool = True, sequence: bool = True) -> np.ndarray:
+        """(n_items, dim + 1) item vectors, bias as the last column; the cold model's block appended when present,
+        then (with ``sequence``) the sequence part's item embeddings.
 
         With a popularity prior (and ``prior``), a last column of log(1 + training count), and a zero column when
         needed to keep the width even (product quantisers split the width in 2 or 4)."""
@@ -84,6 +102,8 @@ class Recommender:
         for model in self._models():
             out, bias, _ = model.item_tables(self.text)
             blocks += [out, bias.unsqueeze(1)]
+        if sequence and self.has_sequence:
+            blocks.append(torch.from_numpy(self.sequence.item_vectors()))
         matrix = torch.cat(blocks, dim=1).numpy().astype(np.float32)
         if prior and self.has_prior:
             matrix = self._with_prior_column(matrix, np.asarray(self.popularity, dtype=np.float32))
@@ -113,13 +133,21 @@ class Recommender:
         return torch.cat(rows[1:]) if len(rows) > 1 else torch.zeros(0, model.config.dim + 1)
 
     def user_matrix(
-        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, batch: int = 1024, prior: bool = True
+        self,
+        histories: list[np.ndarray],
+        profiles: np.ndarray | None = None,
+        batch: int = 1024,
+        prior: bool = True,
+        sequence: bool = True,
     ) -> np.ndarray:
         """Adapted user vectors with a trailing 1 (the bias dimension); with a cold model, a user gets the warm block
         or the cold block (the other one zero) by the length of their history. With a popularity prior (and
         ``prior``), a last column holding the prior's weight for the user's history length (see :meth:`item_matrix`).
         """
         matrix = self._user_blocks(histories, profiles, batch)
+        if sequence and self.has_sequence:
+            weights = self.sequence_weights([len(h) for h in histories])
+            matrix = np.concatenate([matrix, weights[:, None] * self.sequence.states(histories)], axis=1)
         if prior and self.has_prior:
             matrix = self._with_prior_column(matrix, self.prior_weights([len(h) for h in histories]))
         return matrix
@@ -141,10 +169,12 @@ class Recommender:
         return both
 
     def score_histories(
-        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, prior: bool = True
+        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, prior: bool = True, sequence: bool = True
     ) -> np.ndarray:
-        """(n_users, n_items) scores for users given their item-index histories (time order)."""
-        return self.user_matrix(histories, profiles, prior=prior) @ self.item_matrix(prior=prior).T
+        """(n_users, n_items) scores for users given their item-index histories (time order); ``prior`` and
+        ``sequence`` say whether the popularity prior and the sequence part count."""
+        users = self.user_matrix(histories, profiles, prior=prior, sequence=sequence)
+        return users @ self.item_matrix(prior=prior, sequence=sequence).T
 
     @torch.inference_mode()
     def reason_space(self) -> ReasonSpace:
@@ -222,6 +252,11 @@ class Recommender:
         if self.has_prior:
             tensors["popularity"] = torch.from_numpy(np.ascontiguousarray(self.popularity, np.float32))
             tensors["popularity_beta"] = torch.from_numpy(np.ascontiguousarray(self.popularity_beta, np.float32))
+        sequence_header = None
+        if self.has_sequence:
+            seq_tensors, sequence_header = self.sequence.arrays()
+            tensors |= seq_tensors
+            tensors["sequence_weight"] = torch.from_numpy(np.ascontiguousarray(self.sequence_weight, np.float32))
         with atomic.staged_path(folder / "model.safetensors") as tmp:
             save_file(tensors, str(tmp))
         profile_dim = None if self.model.profile is None else self.model.profile.in_features
@@ -232,7 +267,8 @@ class Recommender:
                 "config": self.config.to_dict(),
                 "item_ids": list(self.item_ids),
                 "profile_dim": profile_dim,
-                "popularity_buckets": list(POPULARITY_BUCKETS) if self.has_prior else None,
+                "popularity_buckets": list(POPULARITY_BUCKETS) if self.has_prior or self.has_sequence else None,
+                "sequence": sequence_header,
                 "meta": self.meta,
             },
         )
@@ -248,6 +284,10 @@ class Recommender:
         config = TrainConfig.from_dict(header["config"])
         text = tensors.pop("item_text_vectors").numpy()
         popularity, beta = tensors.pop("popularity", None), tensors.pop("popularity_beta", None)
+        sequence, sequence_weight = None, tensors.pop("sequence_weight", None)
+        if header.get("sequence") and sequence_weight is not None:
+            sequence = SASRec.from_arrays(tensors, header["sequence"], len(header["item_ids"]))
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("sequence")}
         buckets = header.get("popularity_buckets")
         if beta is not None and buckets is not None and tuple(buckets) != POPULARITY_BUCKETS:
             raise ValueError(f"{folder}: popularity buckets {buckets} != {list(POPULARITY_BUCKETS)}")
@@ -268,4 +308,6 @@ class Recommender:
             cold_model=cold_model,
             popularity=None if popularity is None else popularity.numpy(),
             popularity_beta=None if beta is None else beta.numpy(),
+            sequence=sequence,
+            sequence_weight=None if sequence_weight is None else sequence_weight.numpy(),
         )

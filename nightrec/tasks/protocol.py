@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nightrec.model import TrainConfig, user_sequences
+from nightrec.model.reasons import deletion_test
 from nightrec.ranking import per_user_metrics, top_k_unseen
 from nightrec.tasks.catalogue import night_item_ids
 from nightrec.tasks.evaluate import ALS, EASE, Histories, ItemKNN, Popularity, TextOnly, fit_nightrec
@@ -32,6 +33,7 @@ from nightrec.tasks.sasrec import SASRec, tune_sasrec
 COLD_KS = (1, 3, 5)
 COLD_SHARE = 0.2
 COLD_QUERY = 50
+REASON_USERS = 500  # warm users whose lists the deletion test re-scores (2 x 10 variants each)
 COLD_ITEM_SHARE = 0.1
 PEERS = ("popularity", "itemknn", "ease", "als", "sasrec", "text")
 # The figures a claim is made on (DESIGN.md "Metrics"), in the order the summary reports them.
@@ -329,6 +331,13 @@ def run_protocol(
     info["peers_fit_seconds"] = round(time.perf_counter() - started, 1)
     metrics, by_history = evaluate_split(scorers, split)
     info["segment_users"] = {seg: len(h) for seg, (h, _) in split.segments.items()}
+    # the published reasons' fidelity: the deletion test on (up to 500) warm users' top-10 lists, the model's own
+    # attribution against the cosine similarity nightrec published before
+    warm = [h for h in split.segments["warm"][0] if len(h) >= 2][:REASON_USERS]
+    if warm:
+        recommender = scorers["nightrec"].recommender
+        info["reasons"] = deletion_test(recommender, warm, k=10, seed=seed).as_dict()
+        info["reasons_cosine"] = deletion_test(recommender, warm, k=10, seed=seed, by="cosine").as_dict()
     info["cold_items"] = 0 if cold_items is None else len(cold_items)
     if stratified:
         strat = stratified_split(seqs, n_items, seed)

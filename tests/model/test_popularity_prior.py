@@ -16,7 +16,9 @@ from nightrec.model.recommender import POPULARITY_BUCKETS, history_bucket
 from nightrec.tasks.train import fit_recommender
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-CONFIG = TrainConfig(dim=8, epochs=8, batch_users=64, lr=2e-2, seed=3, dropout=0.0, threads=1, cold_below=0)
+CONFIG = TrainConfig(
+    dim=8, epochs=8, batch_users=64, lr=2e-2, seed=3, dropout=0.0, threads=1, cold_below=0, sequence_part=False
+)
 
 
 def _frame(histories: list[list[int]]) -> pl.DataFrame:

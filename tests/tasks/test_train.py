@@ -144,3 +144,24 @@ def test_serving_pools_by_gather_with_the_sums_training_uses(trained):
         support, mask = pad_histories(histories, trained.config.max_history)
         vectors, _, _ = model.user_vectors(trained.text, support, mask)
     np.testing.assert_allclose(served[:, :-1], vectors.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_stops_sooner(tmp_path):
+    """epochs=None: the validation (training users' held-out newest items) decides; from last night's model on the
+    same data, the validation is already at its plateau at epoch 0, so the night trains far fewer epochs."""
+    events = checkerboard_events(300, seed=4)
+    config = TrainConfig(dim=16, batch_users=32, seed=3, threads=1, cold_below=0, max_epochs=80)
+    assert config.epochs is None
+    scratch = fit_recommender(events, ITEM_IDS, TEXT, None, config)
+    meta = scratch.meta
+    assert meta["validation_users"] > 100 and 1 <= meta["best_epoch"] < meta["validation_fit_epochs"] <= 80
+    assert meta["validation_fit_epochs"] - meta["best_epoch"] <= config.patience  # stopped by the patience rule
+    assert meta["epochs"] == meta["best_epoch"]  # the refit on every user runs the chosen count
+    assert scratch.has_sequence and meta["sequence_trials"]  # the sequence part was tuned on the same validation
+    champion = scratch.save(tmp_path / "champion")
+    warm = fit_recommender(events, ITEM_IDS, TEXT, None, config, init_from=champion)
+    spent = [m.meta["validation_fit_epochs"] + m.meta["epochs"] for m in (scratch, warm)]
+    assert spent[1] <= 0.7 * spent[0], spent  # epochs (validation fit + refit), warm against scratch: 18 vs 30
+    assert len(meta["sequence_trials"]) >= 2 and len(warm.meta["sequence_trials"]) == 1  # last night's choice
+    assert warm.meta["sequence_params"]["epochs"] < meta["sequence_params"]["epochs"]  # measured 0 vs 12
+    assert warm.meta["best_validation_ndcg"] >= meta["best_validation_ndcg"] - 0.02
