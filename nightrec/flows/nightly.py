@@ -47,7 +47,12 @@ def _nightly_run_name() -> str:
     return f"nightly-{date}" if date else "nightly-scheduled"
 
 
-@flow(name="nightly", flow_run_name=_nightly_run_name, log_prints=True, persist_result=False)
+# Prefect writes a failed flow's exception to the result storage whatever persist_result says; as JSON, not a
+# pickle (nightrec never reads it back; a record naming another serializer would be believed on read).
+NO_RESULTS = {"persist_result": False, "result_serializer": "json"}
+
+
+@flow(name="nightly", flow_run_name=_nightly_run_name, log_prints=True, **NO_RESULTS)
 def nightly(run_date: dt.date | None = None, trigger: str = "manual") -> dict:
     """Ingest, embed, train, evaluate and gate, compress and index, publish: the lists for ``run_date``."""
     settings = Settings()
@@ -222,7 +227,7 @@ def finished_dates(settings: Settings) -> set[dt.date]:
     return {day for day in Lake(settings.lake_root).published_dates() if day.isoformat() in finished}
 
 
-@flow(name="backfill", flow_run_name="backfill-{start}-{end}", persist_result=False)
+@flow(name="backfill", flow_run_name="backfill-{start}-{end}", **NO_RESULTS)
 def backfill(start: dt.date, end: dt.date, force: bool = False) -> dict:
     """Nightly for each date from ``start`` to ``end`` inclusive, oldest first; published dates are skipped unless
     ``force``. A failed date stops the backfill; running the same command again resumes from it."""

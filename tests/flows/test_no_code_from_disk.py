@@ -50,6 +50,15 @@ def old_train_cache_key(models_root: str, day: dt.date, champion_dir: str | None
     return f"train-{day}-{home}-{inputs}"
 
 
+def stored_files(folders: list[Path]) -> set[Path]:
+    return {p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file()}
+
+
+def same(record: dict | None, result: dict) -> bool:
+    """Equal as JSON (a NaN statistic is not equal to itself as a float)."""
+    return json.dumps(record, sort_keys=True) == json.dumps(result, sort_keys=True)
+
+
 def test_the_payload_is_live(tmp_path):
     """The planted record runs its code when Prefect reads it back: what the night must never do."""
     from prefect._internal.result_records import ResultRecord
@@ -62,19 +71,23 @@ def test_the_payload_is_live(tmp_path):
 def test_hostile_payloads_in_the_home_are_ignored(prefect_server, tmp_path, monkeypatch):
     from prefect.settings import get_current_settings
 
-    from nightrec.flows.nightly import nightly
+    from nightrec.flows.nightly import backfill, nightly
 
     demo_home(tmp_path, monkeypatch, SPEC)
     monkeypatch.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
+    storages = [Path(get_current_settings().results.local_storage_path), Settings().prefect_home_dir / "storage"]
+    earlier = stored_files(storages)  # other tests' failed flows
+    with pytest.raises(ValueError):  # a failed flow: Prefect writes its exception there, persist_result or not
+        backfill(start=D1, end=D1 - dt.timedelta(days=1))
+    before = stored_files(storages)
+    assert before - earlier and all(json.loads(p.read_text()) for p in before - earlier)  # as JSON, not a pickle
     first = nightly(run_date=D1)
     settings = Settings()
-    storages = [Path(get_current_settings().results.local_storage_path), settings.prefect_home_dir / "storage"]
-    persisted = [p for folder in storages if folder.exists() for p in folder.rglob("*") if p.is_file()]
-    assert persisted == [], f"Prefect persisted results: {persisted}"
+    assert stored_files(storages) == before, "the night persisted a Prefect result"
 
     marker = tmp_path / "code-ran"
     models_root = Path(first["train"]["model_dir"]).parent
-    assert stages.read_train_record(models_root, Path(first["train"]["model_dir"]).name) == first["train"]
+    assert same(stages.read_train_record(models_root, Path(first["train"]["model_dir"]).name), first["train"])
     # The re-run warm-starts from the champion the first run promoted: its training inputs, hence its key, are
     # those. Plant the payload where the re-run looks: its own record (beside a model folder, so that only the
     # record's content can refuse it), and the legacy Prefect result keys in Prefect's storage folders.
@@ -89,12 +102,14 @@ def test_hostile_payloads_in_the_home_are_ignored(prefect_server, tmp_path, monk
             path = folder / old_train_cache_key(str(models_root), D1, champion_dir)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(hostile_prefect_record(marker, path.name))
+    for path in before:  # and every result record already there (failed flows' exceptions)
+        path.write_bytes(hostile_prefect_record(marker, path.name))
 
     again = nightly(run_date=D1)
     assert not marker.exists(), "a planted payload ran"
     assert again["train"]["model_dir"] == str(models_root / key)
     assert again["train"]["train_run_id"] != first["train"]["train_run_id"]  # the record was refused: trained again
-    assert stages.read_train_record(models_root, key) == again["train"]  # and rewritten as JSON
+    assert same(stages.read_train_record(models_root, key), again["train"])  # and rewritten as JSON
     lake = Lake(settings.lake_root)
     assert lake.read_latest_pointer()["mlflow_run_id"] == again["mlflow_run_id"]
     publication.verify_partition(lake, D1, deep=True)

@@ -199,7 +199,7 @@ def test_cli_ingest_meta_alone_and_swapped_files(home, folder):
     swapped = CliRunner().invoke(
         app, ["ingest", "--events", str(meta), "--items", str(folder / "Gift_Cards_5.json.gz")]
     )
-    assert swapped.exit_code == 1 and "metadata file given as --events" in swapped.output
+    assert swapped.exit_code == 2 and "metadata file given as --events" in swapped.output
     assert tree_digest(home / "lake") == before
 
 

@@ -146,6 +146,8 @@ def test_no_prefect_task_or_flow_persists_a_result():
         assert "pickle" not in repr(obj.result_serializer).lower(), obj.name
         if isinstance(obj, Task):
             assert obj.cache_key_fn is None and obj.cache_policy in (None, NO_CACHE), f"{obj.name} caches in Prefect"
+        else:  # a failed flow's exception is written whatever persist_result says: as JSON
+            assert obj.result_serializer == "json", obj.name
 
 
 def test_the_prefect_defaults_we_configure_do_not_pickle(home):
