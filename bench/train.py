@@ -1,6 +1,9 @@
-"""Training cost on ML-100K: nightrec (meta-training + batch adaptation of every user) against implicit ALS.
+"""Training cost: nightrec (validation-chosen epochs, the tuned sequence part, the prior's calibration and refit, then
+served vectors for every user) against implicit ALS and against SASRec-CE tuned the way the evaluation tunes its peer
+(the same grid, every trial early-stopped on a validation carved from the users' newest items, then refitted).
 
-Run: ``/work/venv/bin/python bench/train.py [--epochs N]``. Each trainer runs in its own child process so its peak
+Run: ``.venv/bin/python bench/train.py [--dataset movielens-100k|amazon2018-gift-cards|demo] [--epochs N]
+[--threads T]``. Each trainer runs in its own child process so its peak
 resident memory is its own (reported as the rise over the child's RSS after loading data and imports). implicit runs
 inside ``threadpool_limits(1, "blas")`` as the stack notes advise; torch uses the machine's cores. Last stdout line:
 ONE JSON object with the nightrec / ALS ratios.
@@ -26,14 +29,16 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def child(which: str, epochs: int | None) -> dict:
+def child(which: str, epochs: int | None, name: str, threads: int) -> dict:
     import numpy as np
     import torch
 
     from nightrec.model import TrainConfig, user_sequences
     from nightrec.tasks import evaluate, train
 
-    dataset = load("movielens-100k")
+    if threads:
+        torch.set_num_threads(threads)
+    dataset = load(name)
     vectors = item_vectors(dataset)
     item_ids = dataset.items["item_id"].to_list()
     _, seqs = user_sequences(dataset.events, {i: n for n, i in enumerate(item_ids)})
@@ -48,6 +53,14 @@ def child(which: str, epochs: int | None) -> dict:
         trained = time.perf_counter()
         served = model.served_vectors(dataset.events, dataset.events["user_id"].unique().sort().to_list())
         assert np.isfinite(served.user_matrix).all()
+    elif which == "sasrec":
+        from nightrec.tasks import protocol, sasrec
+
+        split = protocol.chronological_split([s for s in seqs if len(s)], seed=0)
+        inner, histories, relevant = split.validation
+        params = sasrec.tune_sasrec(inner, len(item_ids), (histories, relevant), seed=0, log=lambda _m: None)
+        sasrec.SASRec([s for s in seqs if len(s)], len(item_ids), seed=0, **params)
+        trained = time.perf_counter()
     else:
         evaluate.ALS(seqs, len(item_ids), factors=64, regularization=0.05, alpha=2.0, iterations=15)
         trained = time.perf_counter()
@@ -64,21 +77,29 @@ def child(which: str, epochs: int | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--child", choices=["nightrec", "als"])
+    parser.add_argument("--dataset", default="movielens-100k")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--child", choices=["nightrec", "als", "sasrec"])
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.epochs)))
+        print(json.dumps(child(args.child, args.epochs, args.dataset, args.threads)))
         return
     results = {}
-    for which in ("als", "nightrec"):
-        cmd = [sys.executable, __file__, "--child", which] + (["--epochs", str(args.epochs)] if args.epochs else [])
+    for which in ("als", "sasrec", "nightrec"):
+        cmd = [sys.executable, __file__, "--child", which, "--dataset", args.dataset, "--threads", str(args.threads)]
+        cmd += ["--epochs", str(args.epochs)] if args.epochs else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         results[which] = json.loads(out)
         print(which, results[which])
-    n, a = results["nightrec"], results["als"]
+    n, a, q = results["nightrec"], results["als"], results["sasrec"]
     print(
         json.dumps(
             {
+                "dataset": args.dataset,
+                "sasrec_tuned_fit_s": q["fit_s"],
+                "time_ratio_nightrec_over_sasrec": round(n["total_s"] / max(q["total_s"], 1e-9), 2),
+                "sasrec_peak_rss_rise_mb": q["peak_rss_rise_mb"],
+                "memory_ratio_nightrec_over_sasrec": round(n["peak_rss_rise_mb"] / max(q["peak_rss_rise_mb"], 1.0), 2),
                 "nightrec_total_s": n["total_s"],
                 "nightrec_fit_s": n["fit_s"],
                 "als_fit_s": a["total_s"],

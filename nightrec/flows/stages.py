@@ -299,6 +299,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
             tracking.log_metrics(st.client, st.run_id, {"train_loss": loss}, step=epoch)
         if losses:
             tracking.log_figure(st.client, st.run_id, plots.loss_curve(losses), "plots/train_loss.png")
+        _log_model_choices(st, recommender.meta)
         stats = {
             "events": events.height,
             "train_events": train_events.height,
@@ -311,6 +312,22 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
         result = {"model_dir": str(model_dir), "train_run_id": st.run_id, **stats}
     atomic.write_json_atomic(train_record_path(Path(models_root), key), result)  # after the run closed FINISHED
     return result
+
+
+def _log_model_choices(st: _Stage, meta: dict) -> None:
+    """What the training chose on its validation: the validation curves (a metric per epoch), the sequence part's
+    trials and chosen parameters (an MLflow table and params) and the weights fitted per history bucket."""
+    for name in ("validation_ndcg", "cold_validation_ndcg"):
+        for epoch, value in enumerate(meta.get(name) or []):
+            tracking.log_metrics(st.client, st.run_id, {name: value}, step=epoch)
+    if meta.get("sequence_trials"):
+        tracking.log_dict(st.client, st.run_id, meta["sequence_trials"], "tuning/sequence_trials.json")
+    if meta.get("sequence_params"):
+        tracking.log_params(
+            st.client, st.run_id, {f"chosen.sequence_{k}": v for k, v in meta["sequence_params"].items()}
+        )
+    if meta.get("best_epoch") is not None:
+        tracking.log_params(st.client, st.run_id, {"chosen.epochs": meta["best_epoch"]})
 
 
 @task(name="evaluate-and-gate", **RETRY)

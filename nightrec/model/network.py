@@ -55,6 +55,9 @@ class MetaRecModel(nn.Module):
         self.id_bias = nn.Embedding(n_items, 1)
         for table in (self.item_id, self.history_id, self.id_bias):
             nn.init.zeros_(table.weight)  # text carries the start; IDs learn the residual
+        if not config.use_text:  # no text to start from: all-zero vectors would get zero gradients and never move
+            nn.init.normal_(self.item_id.weight, std=d**-0.5)
+            nn.init.normal_(self.history_id.weight, std=d**-0.5)
         self.prior = nn.Parameter(torch.zeros(d))
         if config.prior in ("sequence", "both"):
             # learned positions counted from the newest item (0 = newest), causal pre-LN blocks, a final LayerNorm

@@ -687,9 +687,10 @@ def _calibrate_weights(
             h, t = hist[start : start + batch], target[start : start + batch]
             prof = None if profiles is None else profiles[owner[start : start + batch]]
             scores, added = base(h, prof), extra(h)
-            if scale is None:  # from the first batch
+            if scale is None:  # from the first batch; flat base scores (e.g. no history, no text): absolute units
                 spread = float(np.median(added.std(axis=1)))
-                scale = float(np.median(scores.std(axis=1))) / spread if spread > 0 else 0.0
+                base_spread = float(np.median(scores.std(axis=1))) or 1.0
+                scale = base_spread / spread if spread > 0 else 0.0
             for g, weight in enumerate(options):
                 top = top_k_unseen(scores + (weight * scale) * added, h, k)
                 ndcg[g] += np.nansum(per_user_metrics(top, t, k)["ndcg"])

@@ -130,6 +130,7 @@ def test_protocol_over_seeds_reports_every_segment_and_sasrec_finds_the_sequence
     summary = result.summary()
     assert summary["warm_ndcg_at_10"]["best_peer"] == "sasrec"
     assert result.mean_std("sasrec", "warm_ndcg_at_10")[0] > 2 * result.mean_std("popularity", "warm_ndcg_at_10")[0]
+    assert all(0.0 <= run.info["reasons"]["share_top_lowers_more"] <= 1.0 for run in result.runs)  # deletion test ran
     buckets = list(result.by_history()["sasrec"])
     assert buckets[:4] == ["new, 0", "new, 1", "new, 3", "new, 5"] and buckets[4] == "1-19"  # fewest known first
 
