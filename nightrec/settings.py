@@ -110,7 +110,14 @@ class Settings(BaseSettings):
     )
     seed: int = 42
     train_epochs: int | None = Field(
-        default=None, gt=0, description="Override the trainer's epoch count (tests, quick runs)."
+        default=None,
+        gt=0,
+        description="A fixed epoch count instead of early stopping on the night's validation (tests, quick runs).",
+    )
+    train_tuning_budget_s: float | None = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds after which the sequence part's hyper-parameter search starts no further trial.",
     )
     train_max_users_per_epoch: int | None = Field(
         default=20_000, gt=0, description="Users (meta-training tasks) sampled per epoch; None = all of them."

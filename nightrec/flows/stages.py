@@ -273,7 +273,11 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
                 items.missing_events,
                 items.missing[:5],
             )
-        config = TrainConfig(seed=st.settings.seed, max_users_per_epoch=st.settings.train_max_users_per_epoch)
+        config = TrainConfig(
+            seed=st.settings.seed,
+            max_users_per_epoch=st.settings.train_max_users_per_epoch,
+            tuning_budget_s=st.settings.train_tuning_budget_s,
+        )
         if st.settings.train_epochs:
             config.epochs = st.settings.train_epochs
         init_from = Path(champion_dir) if champion_dir and st.settings.warm_start else None

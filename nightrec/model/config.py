@@ -79,6 +79,8 @@ class TrainConfig:
     sequence_dropout: float | None = None
     sequence_max_len: int = 50
     sequence_lr: float = 1e-3
+    # the sequence part's search starts no trial after this many seconds (the first always runs); None: no limit
+    tuning_budget_s: float | None = 300.0
     seed: int = 42
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
 

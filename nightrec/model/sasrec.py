@@ -318,12 +318,18 @@ def best_sasrec(
     log: Callable[[str], None] = print,
     threads: int | None = None,
     init: tuple[SASRec, np.ndarray] | None = None,
+    budget_s: float | None = None,
 ) -> tuple[dict, SASRec, list[dict]]:
     """:func:`tune_sasrec`'s parameters, the best trial's early-stopped model and every trial's record; ``init`` is
-    passed to every trial (:class:`SASRec`)."""
+    passed to every trial (:class:`SASRec`). With ``budget_s``, no trial starts once that many seconds have gone
+    (the first always runs); the skipped trials are recorded as such."""
     best_value, best, best_model, trials = -1.0, None, None, []
     longest = max((len(s) for s in train), default=0) - 1  # inputs are a history without its last item
+    started = time.perf_counter()
     for params in grid or default_grid(len(train), longest):
+        if trials and budget_s is not None and time.perf_counter() - started >= budget_s:
+            trials.append({**params, "skipped": f"tuning budget of {budget_s:g} s spent"})
+            continue
         model = SASRec(train, n_items, validation=validation, init=init, **{"seed": seed, "threads": threads, **params})
         value = max((v for _, v in model.history), default=model.validation_ndcg(*validation))
         log(

@@ -477,7 +477,10 @@ def _fit_sequence(
     grid = [{**g, "hidden": config.sequence_hidden, "lr": config.sequence_lr} for g in grid]
     if validation is not None:
         pair = (validation.histories, validation.targets)
-        chosen, model, trials = best_sasrec(seqs, n_items, pair, config.seed, grid, log=lambda _m: None, init=start)
+        budget = config.tuning_budget_s
+        chosen, model, trials = best_sasrec(
+            seqs, n_items, pair, config.seed, grid, log=lambda _m: None, init=start, budget_s=budget
+        )
         return model, chosen, trials
     chosen = {**grid[0], "epochs": config.epochs if config.epochs is not None else config.epochs_without_validation}
     return SASRec(seqs, n_items, seed=config.seed, init=start, **chosen), chosen, []
