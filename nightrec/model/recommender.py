@@ -15,7 +15,7 @@ from nightrec.model.config import TrainConfig, cold_config
 from nightrec.model.network import MetaRecModel
 from nightrec.model.reasons import ReasonBlock, ReasonSpace
 from nightrec.model.sasrec import SASRec
-from nightrec.model.sequences import pad_histories, user_sequences
+from nightrec.model.sequences import pad_histories, profile_matrix, user_sequences
 from nightrec.storage import atomic
 from nightrec.storage.vectors import ServedVectors
 
@@ -236,10 +236,9 @@ class Recommender:
         )
 
     def _profile_matrix(self, users: list[str], vectors: dict[str, np.ndarray] | None) -> np.ndarray | None:
-        if self.model.profile is None or not vectors:
+        if self.model.profile is None:
             return None
-        dim = self.model.profile.in_features
-        return np.stack([np.asarray(vectors.get(u, np.zeros(dim)), dtype=np.float32) for u in users])
+        return profile_matrix(users, vectors, self.model.profile.in_features)
 
     # --- persistence (safetensors + json, no pickle) ------------------------------------------------------------
     def save(self, folder: Path) -> Path:

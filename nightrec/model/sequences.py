@@ -35,3 +35,14 @@ def user_sequences(
     found = dict(zip(frame["user_id"].to_list(), frame["ix"].to_list(), strict=True))
     users = list(found) if user_ids is None else list(user_ids)
     return users, [np.asarray(found.get(u, []), dtype=np.int64) for u in users]
+
+
+def profile_matrix(
+    users: list[str], vectors: dict[str, np.ndarray] | None, dim: int | None = None
+) -> np.ndarray | None:
+    """(len(users), dim) float32 profile vectors, zeros for users without one; None without any vectors. ``dim``
+    defaults to the vectors' own width."""
+    if not vectors:
+        return None
+    dim = dim or len(next(iter(vectors.values())))
+    return np.stack([np.asarray(vectors.get(u, np.zeros(dim)), dtype=np.float32) for u in users]).astype(np.float32)

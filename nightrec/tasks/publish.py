@@ -505,9 +505,9 @@ class ListStats:
         total = int(self.weight_hist.sum())
         if total:
             cdf = np.cumsum(self.weight_hist) / total
-            centres = np.linspace(-1, 1, WEIGHT_BINS + 1)[1:]  # upper edges: a quantile to within one bin (0.05)
+            upper_edges = np.linspace(-1, 1, WEIGHT_BINS + 1)[1:]  # a quantile to within one bin (0.05)
             for q in (10, 50, 90):
-                out[f"reason_weight_p{q}"] = float(centres[np.searchsorted(cdf, q / 100)])
+                out[f"reason_weight_p{q}"] = float(upper_edges[np.searchsorted(cdf, q / 100)])
         if self.reasons:
             out["reason_phrase_share"] = self.phrased / self.reasons
         return out

@@ -19,6 +19,7 @@ from nightrec.model import MetaRecModel, Recommender, TrainConfig, pad_histories
 from nightrec.model.config import cold_config
 from nightrec.model.recommender import POPULARITY_BUCKETS, bucket_key, history_bucket
 from nightrec.model.sasrec import SASRec, best_sasrec, default_grid
+from nightrec.model.sequences import profile_matrix
 from nightrec.ranking import per_user_metrics, top_k_unseen
 
 # Popularity prior weights tried per bucket, in units of (median per-user std of the model's scores) / std(p): 0 is
@@ -174,14 +175,7 @@ class _Data:
         known = np.zeros(len(item_ids), dtype=bool)
         if seqs:
             known[np.concatenate(seqs)] = True
-        return cls(users, seqs, _profiles(users, user_profile_vectors), known)
-
-
-def _profiles(users: list[str], vectors: dict[str, np.ndarray] | None) -> np.ndarray | None:
-    if not vectors:
-        return None
-    dim = len(next(iter(vectors.values())))
-    return np.stack([np.asarray(vectors.get(u, np.zeros(dim)), dtype=np.float32) for u in users]).astype(np.float32)
+        return cls(users, seqs, profile_matrix(users, user_profile_vectors), known)
 
 
 def _train(
@@ -379,7 +373,7 @@ def _fit_validated(
     is_cal[chosen] = True
     cal_users = [users[i] for i in chosen]
     cal_seqs = [seqs[i] for i in chosen]
-    cal_profiles = _profiles(cal_users, user_profile_vectors)
+    cal_profiles = profile_matrix(cal_users, user_profile_vectors)
     _, cold_val = _validations(cal_seqs, cal_profiles)
     train_events = events.filter(~pl.col("user_id").is_in(cal_users))
     warm_val = None
@@ -519,7 +513,7 @@ def _tail_validation(
         targets.append(s[cut:])
         held_users += [users[row]] * (len(s) - cut)
         held_items += [item_ids[i] for i in s[cut:]]
-    profiles = _profiles([users[r] for r in chosen], user_profile_vectors)
+    profiles = profile_matrix([users[r] for r in chosen], user_profile_vectors)
     tails = pl.DataFrame(
         {"user_id": held_users, "item_id": held_items}, schema={"user_id": pl.String, "item_id": pl.String}
     )
