@@ -24,6 +24,7 @@ from nightrec.model.attention import CausalBlock
 from nightrec.ranking import per_user_metrics, top_k_unseen
 
 Histories = list[np.ndarray]
+EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, {"loss": ..., "validation_ndcg": ...})
 
 
 class _Net(nn.Module):
@@ -117,9 +118,13 @@ class SASRec:
         eval_every: int = 2,
         threads: int | None = None,
         init: tuple[SASRec, np.ndarray] | None = None,
+        on_epoch: EpochCallback | None = None,
     ) -> None:
         """``init``: (a trained SASRec, each item's row in it or -1) to start from, e.g. last night's: every weight
-        of the same shape is copied, item embeddings by id (new items keep their fresh initialisation)."""
+        of the same shape is copied, item embeddings by id (new items keep their fresh initialisation).
+        ``on_epoch(epoch, values)`` is called after every epoch with its mean ``loss`` (and ``validation_ndcg`` when
+        it was evaluated), for live progress."""
+        self.on_epoch = on_epoch
         self.n_items, self.max_len, self.threads = n_items, max_len, threads
         flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in train]) if train else np.zeros(0, np.int64)
         self.popularity = np.bincount(flat, minlength=n_items).astype(np.float32)
@@ -169,6 +174,7 @@ class SASRec:
             # the padding (2/3 of the tokens on MovieLens-100K at max_len 200) while batches still vary by epoch
             jitter = 0.75 + 0.5 * torch.rand(len(windows), generator=generator, dtype=torch.float64)
             batches = torch.argsort(lengths * jitter).split(batch_size)
+            total, count = 0.0, 0
             for b in torch.randperm(len(batches), generator=generator).tolist():
                 batch = batches[b]
                 width = int(lengths[batch].max())
@@ -179,11 +185,17 @@ class SASRec:
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
+                total, count = total + loss.item() * len(batch), count + len(batch)
             self.epochs_run = epoch
+            values = {"loss": total / max(count, 1)}
             if validation is None or (epoch % eval_every and epoch != epochs):
+                if self.on_epoch is not None:
+                    self.on_epoch(epoch, values)
                 continue
             value = self.validation_ndcg(*validation)
             self.history.append((epoch, value))
+            if self.on_epoch is not None:
+                self.on_epoch(epoch, {**values, "validation_ndcg": value})
             if value > best_value:
                 best_value, stale, self.best_epoch = value, 0, epoch
                 best_state = copy.deepcopy(self.net.state_dict())
@@ -319,6 +331,7 @@ def best_sasrec(
     threads: int | None = None,
     init: tuple[SASRec, np.ndarray] | None = None,
     budget_s: float | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[dict, SASRec, list[dict]]:
     """:func:`tune_sasrec`'s parameters, the best trial's early-stopped model and every trial's record; ``init`` is
     passed to every trial (:class:`SASRec`). With ``budget_s``, no trial starts once that many seconds have gone
@@ -330,7 +343,14 @@ def best_sasrec(
         if trials and budget_s is not None and time.perf_counter() - started >= budget_s:
             trials.append({**params, "skipped": f"tuning budget of {budget_s:g} s spent"})
             continue
-        model = SASRec(train, n_items, validation=validation, init=init, **{"seed": seed, "threads": threads, **params})
+        model = SASRec(
+            train,
+            n_items,
+            validation=validation,
+            init=init,
+            on_epoch=on_epoch,
+            **{"seed": seed, "threads": threads, **params},
+        )
         value = max((v for _, v in model.history), default=model.validation_ndcg(*validation))
         log(
             f"sasrec {params}: validation NDCG@10 {value:.4f} at epoch {model.best_epoch} "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,14 @@ import torch
 from nightrec.model import MetaRecModel, Recommender, TrainConfig, pad_histories, user_sequences
 from nightrec.model.config import cold_config
 from nightrec.model.recommender import POPULARITY_BUCKETS, bucket_key, history_bucket
-from nightrec.model.sasrec import SASRec, best_sasrec, default_grid
+from nightrec.model.sasrec import EpochCallback, SASRec, best_sasrec, default_grid
 from nightrec.model.sequences import profile_matrix
 from nightrec.ranking import per_user_metrics, top_k_unseen
 
 # Popularity prior weights tried per bucket, in units of (median per-user std of the model's scores) / std(p): 0 is
 # the model alone, 64 is popularity with the model breaking its ties.
+Progress = Callable[[str, int, dict[str, float]], None]  # (phase, epoch, values): see fit_recommender
+
 PRIOR_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0)
 # Users with no history and no profile all get one list: it is popularity (the model only breaks its near-ties),
 # whatever a small calibration set says (on 36 Gift Cards calibration users, the fitted weight left it below).
@@ -34,6 +37,13 @@ SEQUENCE_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 64.0)
 PRIOR_MIN_USERS = 20  # a bucket with fewer calibration users takes the next shorter bucket's weight (same model)
 PRIOR_COLD_QUERY = 50  # short buckets: history = first n interactions, target = the next up to 50 (the protocol's)
 PRIOR_WARM_SHARE = 0.8  # longer buckets: history = the first 80 %, target = the rest
+
+
+def _phase(progress: Progress | None, phase: str) -> EpochCallback | None:
+    """``progress`` bound to one training phase, as a per-epoch callback."""
+    if progress is None:
+        return None
+    return lambda epoch, values: progress(phase, epoch, values)
 
 
 def _sample_tasks(lengths: np.ndarray, config: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -185,6 +195,7 @@ def _train(
     start: tuple[MetaRecModel, dict[str, int]] | None,
     item_ids: list[str],
     validation: Validation | None,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[MetaRecModel, dict]:
     """Meta-train one network over ``data``'s users as tasks: a fixed ``config.epochs``, or (``epochs=None`` with a
     ``validation``) until the validation NDCG@10 has not improved for ``config.patience`` epochs, best epoch kept."""
@@ -215,9 +226,13 @@ def _train(
     for epoch in range(1, (epochs if data.users else 0) + 1):
         losses.append(_epoch(model, data, text, config, batch_users, lengths, sampled, optimiser, rng, generator))
         if not early:
+            if on_epoch is not None:
+                on_epoch(epoch, {"loss": losses[-1]})
             continue
         value = validation_ndcg(model, text, validation)
         curve.append(round(value, 5))
+        if on_epoch is not None:
+            on_epoch(epoch, {"loss": losses[-1], "validation_ndcg": value})
         if value > best_value + config.min_delta:
             best_value, best_epoch, best_state = value, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= config.patience:
@@ -282,6 +297,7 @@ def fit_recommender(
     user_profile_vectors: dict[str, np.ndarray] | None,
     config: TrainConfig,
     init_from: Path | None = None,
+    progress: Progress | None = None,
 ) -> Recommender:
     """Meta-train on ``events`` (user_id, item_id, timestamp) over the catalogue ``item_ids``.
 
@@ -291,12 +307,16 @@ def fit_recommender(
 
     A seeded share of the users (validation users) is held out first: the first fit early-stops on them and the
     popularity prior is fitted on them, then the model is refitted on every user for the epochs the first fit chose.
+
+    ``progress(phase, epoch, values)`` is called after every epoch of every network (phases ``meta``, ``cold``,
+    ``sequence``, and ``refit_meta``, ``refit_cold``, ``refit_sequence``; values ``loss`` and, where validated,
+    ``validation_ndcg``), so a caller can show and log training live.
     """
     threads_before = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _fit_validated(events, item_ids, item_text_vectors, user_profile_vectors, config, init_from)
+        return _fit_validated(events, item_ids, item_text_vectors, user_profile_vectors, config, init_from, progress)
     finally:
         torch.set_num_threads(threads_before)  # the caller's setting, not ours, outlives the call
 
@@ -311,6 +331,8 @@ def _fit(
     validation: Validation | None = None,
     cold_validation: Validation | None = None,
     cold_epochs: int | None = None,
+    progress: Progress | None = None,
+    phase: str = "",
 ) -> Recommender:
     """The network (and, with ``cold_below``, the cold network) on ``events``, without the popularity prior."""
     started = time.perf_counter()
@@ -318,7 +340,7 @@ def _fit(
     text = torch.from_numpy(np.ascontiguousarray(item_text_vectors, dtype=np.float32))
     previous = Recommender.load(init_from) if init_from is not None else None
     start = None if previous is None else (previous.model, previous.item_index)
-    model, meta = _train(data, text, config, start, item_ids, validation)
+    model, meta = _train(data, text, config, start, item_ids, validation, _phase(progress, f"{phase}meta"))
     meta = {"trained_users": len(data.users), "trained_items": int(data.known.sum()), **meta}
     if init_from is not None:
         meta["init_from"] = str(init_from)
@@ -328,7 +350,9 @@ def _fit(
         cold_start = start
         if previous is not None and previous.cold_model is not None:
             cold_start = (previous.cold_model, previous.item_index)  # like for like: the champion's cold network
-        cold_model, cold_meta = _train(data, text, cold, cold_start, item_ids, cold_validation)
+        cold_model, cold_meta = _train(
+            data, text, cold, cold_start, item_ids, cold_validation, _phase(progress, f"{phase}cold")
+        )
         meta["cold_losses"] = cold_meta["losses"]
         meta.update(
             {
@@ -355,6 +379,7 @@ def _fit_validated(
     user_profile_vectors: dict[str, np.ndarray] | None,
     config: TrainConfig,
     init_from: Path | None,
+    progress: Progress | None = None,
 ) -> Recommender:
     """Meta-train without a seeded share of the users (validation users), early-stopping on them when
     ``config.epochs`` is None; fit the popularity prior's weight per history-length bucket on them (their histories
@@ -365,7 +390,9 @@ def _fit_validated(
     n_cal = min(config.calibration_max_users, int(round(len(eligible) * config.calibration_share)))
     wanted = config.popularity_prior or config.sequence_part or config.epochs is None
     if not wanted or n_cal < PRIOR_MIN_USERS:
-        recommender = _fit(events, item_ids, item_text_vectors, user_profile_vectors, config, init_from)
+        recommender = _fit(
+            events, item_ids, item_text_vectors, user_profile_vectors, config, init_from, progress=progress
+        )
         recommender.meta["popularity_calibration_users"] = 0  # none held out (too few users, or nothing to fit)
         return recommender
     chosen = np.sort(np.random.default_rng([config.seed, 31]).choice(eligible, size=n_cal, replace=False))
@@ -386,7 +413,15 @@ def _fit_validated(
         )
         train_events = train_events.join(tails, on=["user_id", "item_id"], how="anti")
     recommender = _fit(
-        train_events, item_ids, item_text_vectors, user_profile_vectors, config, init_from, warm_val, cold_val
+        train_events,
+        item_ids,
+        item_text_vectors,
+        user_profile_vectors,
+        config,
+        init_from,
+        warm_val,
+        cold_val,
+        progress=progress,
     )
     beta, info = None, {}
     n_items = len(item_ids)
@@ -399,7 +434,9 @@ def _fit_validated(
         _, train_seqs = user_sequences(train_events, item_index)
         # warm start: last night's sequence part, its chosen parameters (one trial, no grid)
         seq_start, seq_given = _sequence_start(init_from, item_ids)
-        sequence, seq_params, seq_trials = _fit_sequence(train_seqs, n_items, config, warm_val, seq_given, seq_start)
+        sequence, seq_params, seq_trials = _fit_sequence(
+            train_seqs, n_items, config, warm_val, seq_given, seq_start, _phase(progress, "sequence")
+        )
         info["sequence_params"] = seq_params
         info["sequence_trials"] = seq_trials
         recommender.sequence = sequence
@@ -424,12 +461,15 @@ def _fit_validated(
             refit,
             init_from,
             cold_epochs=first.get("cold_best_epoch"),
+            progress=progress,
+            phase="refit_",
         )
         if sequence is not None:  # every user, for the epochs its validation chose
             seq_epochs = seq_params["epochs"] if config.epochs is None else config.epochs
             _, all_seqs = user_sequences(events, item_index)
             refit_seq = dataclasses.replace(config, epochs=seq_epochs)
-            sequence = _fit_sequence(all_seqs, n_items, refit_seq, None, seq_params, seq_start)[0]
+            on_epoch = _phase(progress, "refit_sequence")
+            sequence = _fit_sequence(all_seqs, n_items, refit_seq, None, seq_params, seq_start, on_epoch)[0]
             info["sequence_seconds"] = round(info["sequence_seconds"] + sequence.fit_seconds, 2)
         recommender.meta.update({k: first[k] for k in first if "validation" in k or "best_epoch" in k})
         recommender.meta["validation_fit_epochs"] = first.get("epochs")
@@ -453,6 +493,7 @@ def _fit_sequence(
     validation: Validation | None,
     params: dict | None = None,
     start: tuple[SASRec, np.ndarray] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[SASRec, dict, list[dict]]:
     """The sequence part. With ``validation``: the SASRec grid (:func:`nightrec.model.sasrec.default_grid`: dropout
     {0.2, 0.5}, max_len {50, 100} where histories are that long, the batch from the user count), every trial
@@ -473,11 +514,11 @@ def _fit_sequence(
         pair = (validation.histories, validation.targets)
         budget = config.tuning_budget_s
         chosen, model, trials = best_sasrec(
-            seqs, n_items, pair, config.seed, grid, log=lambda _m: None, init=start, budget_s=budget
+            seqs, n_items, pair, config.seed, grid, log=lambda _m: None, init=start, budget_s=budget, on_epoch=on_epoch
         )
         return model, chosen, trials
     chosen = {**grid[0], "epochs": config.epochs if config.epochs is not None else config.epochs_without_validation}
-    return SASRec(seqs, n_items, seed=config.seed, init=start, **chosen), chosen, []
+    return SASRec(seqs, n_items, seed=config.seed, init=start, on_epoch=on_epoch, **chosen), chosen, []
 
 
 def _sequence_start(

@@ -152,8 +152,16 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     events = checkerboard_events(300, seed=4)
     config = TrainConfig(dim=16, batch_users=32, seed=3, threads=1, cold_below=0, max_epochs=80)
     assert config.epochs is None
-    scratch = fit_recommender(events, ITEM_IDS, TEXT, None, config)
+    calls: list[tuple[str, int, dict]] = []
+    scratch = fit_recommender(events, ITEM_IDS, TEXT, None, config, progress=lambda *c: calls.append(c))
     meta = scratch.meta
+    # live progress: every epoch of every network, as it runs, with the validation the early stopping read
+    phases = {phase for phase, _, _ in calls}
+    assert {"meta", "sequence", "refit_meta", "refit_sequence"} <= phases
+    meta_calls = [values for phase, _, values in calls if phase == "meta"]
+    assert len(meta_calls) == meta["validation_fit_epochs"]
+    assert [round(v["validation_ndcg"], 5) for v in meta_calls] == meta["validation_ndcg"]
+    assert [e for phase, e, _ in calls if phase == "refit_meta"] == list(range(1, meta["epochs"] + 1))
     assert meta["validation_users"] > 100 and 1 <= meta["best_epoch"] < meta["validation_fit_epochs"] <= 80
     assert meta["validation_fit_epochs"] - meta["best_epoch"] <= config.patience  # stopped by the patience rule
     assert meta["epochs"] == meta["best_epoch"]  # the refit on every user runs the chosen count
