@@ -57,6 +57,10 @@ class TrainConfig:
     # share of items whose ID parts (embeddings, bias) are switched off in each training batch, so the text path
     # learns to carry an item alone: what a new item has on its first night
     id_dropout: float = 0.0
+    # items with text and no training events get every event-learned table (ID embeddings and biases, the sequence
+    # part's embedding, the popularity count) predicted from their text (nightrec.model.new_items), so a new item
+    # can reach the lists on its first night
+    new_items_from_text: bool = True
     # users with fewer interactions are served by a second, text + bias model (no ID tables), which ML-100K shows is
     # the better cold-start model; 0 turns it off
     cold_below: int = 6

@@ -128,6 +128,7 @@ class SASRec:
         self.n_items, self.max_len, self.threads = n_items, max_len, threads
         flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in train]) if train else np.zeros(0, np.int64)
         self.popularity = np.bincount(flat, minlength=n_items).astype(np.float32)
+        self.text_rows = np.zeros(n_items, dtype=bool)  # untrained items given embeddings predicted from text
         self.best_epoch = 0
         self.epochs_run = 0
         self.history: list[tuple[int, float]] = []  # (epoch, validation NDCG@10) at each evaluation
@@ -248,8 +249,16 @@ class SASRec:
         """(n_items, hidden): the output embeddings; zero for items never seen in training, whose embeddings only
         ever learned to lose (a new item is left to the rest of the score, which reads its text)."""
         vectors = self.net.items.weight[: self.n_items].detach().numpy().astype(np.float32).copy()
-        vectors[self.popularity == 0] = 0.0
+        vectors[(self.popularity == 0) & ~self.text_rows] = 0.0
         return vectors
+
+    @torch.no_grad()
+    def set_item_rows(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        """Give the untrained items ``rows`` these output embeddings (predicted from their text, see
+        :mod:`nightrec.model.new_items`), so they are scored like the items their text resembles."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self.net.items.weight[torch.from_numpy(rows)] = torch.from_numpy(np.asarray(vectors, dtype=np.float32))
+        self.text_rows[rows] = True
 
     @property
     def hidden(self) -> int:
@@ -259,6 +268,7 @@ class SASRec:
         """(tensors, header) to save it without pickle; :meth:`from_arrays` rebuilds it."""
         tensors = {f"sequence.{k}": v.detach().contiguous() for k, v in self.net.state_dict().items()}
         tensors["sequence_popularity"] = torch.from_numpy(self.popularity)
+        tensors["sequence_text_rows"] = torch.from_numpy(self.text_rows.astype(np.uint8))
         blocks = len(self.net.blocks)
         header = {"hidden": self.hidden, "blocks": blocks, "max_len": self.max_len, "best_epoch": self.best_epoch}
         header["heads"] = self.net.blocks[0].heads if blocks else 1
@@ -269,6 +279,8 @@ class SASRec:
         self = cls.__new__(cls)
         self.n_items, self.max_len, self.threads = n_items, int(header["max_len"]), None
         self.popularity = tensors["sequence_popularity"].numpy()
+        text_rows = tensors.get("sequence_text_rows")  # absent in a file saved before new items were filled
+        self.text_rows = np.zeros(n_items, bool) if text_rows is None else text_rows.numpy().astype(bool)
         self.best_epoch, self.epochs_run, self.history, self.fit_seconds = header.get("best_epoch", 0), 0, [], 0.0
         self.net = _Net(n_items, int(header["hidden"]), int(header["blocks"]), int(header["heads"]), 0.0, self.max_len)
         state = {k.removeprefix("sequence."): v for k, v in tensors.items() if k.startswith("sequence.")}

@@ -18,6 +18,7 @@ import torch
 
 from nightrec.model import MetaRecModel, Recommender, TrainConfig, pad_histories, user_sequences
 from nightrec.model.config import cold_config
+from nightrec.model.new_items import fill_rows, new_item_mask
 from nightrec.model.recommender import POPULARITY_BUCKETS, bucket_key, history_bucket
 from nightrec.model.sasrec import EpochCallback, SASRec, best_sasrec, default_grid
 from nightrec.model.sequences import profile_matrix
@@ -316,7 +317,14 @@ def fit_recommender(
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        return _fit_validated(events, item_ids, item_text_vectors, user_profile_vectors, config, init_from, progress)
+        recommender = _fit_validated(
+            events, item_ids, item_text_vectors, user_profile_vectors, config, init_from, progress
+        )
+        if config.new_items_from_text:
+            seen = set(events["item_id"].unique().to_list())
+            trained = np.fromiter((item in seen for item in item_ids), dtype=bool, count=len(item_ids))
+            recommender.meta["new_items_from_text"] = fill_new_items(recommender, trained)
+        return recommender
     finally:
         torch.set_num_threads(threads_before)  # the caller's setting, not ours, outlives the call
 
@@ -484,6 +492,31 @@ def _fit_validated(
         recommender.popularity = np.log1p(all_counts).astype(np.float32)  # served: every training user's counts
         recommender.popularity_beta = beta
     return recommender
+
+
+@torch.no_grad()
+def fill_new_items(recommender: Recommender, trained: np.ndarray) -> int:
+    """Give the items with text and no training events every event-learned table predicted from their text
+    (:mod:`nightrec.model.new_items`): each network's ID embeddings and bias (those items then count as known), the
+    sequence part's embedding and the popularity count. Returns how many items were filled."""
+    text = recommender.item_text_vectors
+    fill = new_item_mask(trained, text)
+    if not fill.any():
+        return 0
+    rows = np.flatnonzero(fill)
+    for model in recommender._models():
+        for table in (model.item_id, model.id_bias, model.history_id):
+            weight = table.weight.detach().numpy()
+            table.weight.copy_(torch.from_numpy(fill_rows(weight, text, trained, fill)))
+        model.known[torch.from_numpy(rows)] = True
+    if recommender.has_sequence:
+        sequence = recommender.sequence
+        vectors = sequence.net.items.weight[: sequence.n_items].detach().numpy()
+        sequence.set_item_rows(rows, fill_rows(vectors, text, trained, fill)[rows])
+    if recommender.popularity is not None:
+        predicted = fill_rows(recommender.popularity[:, None], text, trained, fill)[:, 0]
+        recommender.popularity = np.maximum(predicted, 0.0).astype(np.float32)
+    return int(fill.sum())
 
 
 def _fit_sequence(
