@@ -77,6 +77,9 @@ class TrainConfig:
     # one, early-stopped on the same validation, its score added with one weight per history-length bucket fitted
     # on the calibration users (0 where it does not help); skipped on catalogues above sampled_softmax_above
     sequence_part: bool = True
+    # the item-item part (nightrec.model.itemitem): a low-rank shrunk item-item model, its rank and shrinkage tuned
+    # on the same validation, added with its own weight per served network; skipped above sampled_softmax_above
+    item_item_part: bool = True
     sequence_hidden: int = 64
     # None: tuned on the validation (dropout {0.2, 0.5} x max_len {50, 100}, nightrec.model.sasrec.default_grid);
     # a value: one trial with it and sequence_max_len

@@ -10,6 +10,8 @@ recommended item i's score ``u . v_i`` holds, for each history item j (n of them
 (the support term ``+alpha_t * mean_j v_j`` of each inner step). What is left of the score -- the learned prior, the
 profile, the inner steps' softmax term, the item bias and the popularity prior -- belongs to no single history item.
 A sequence prior is not linear in its inputs: only the inner steps' part is attributed there (``B = 0``).
+The item-item part (:mod:`nightrec.model.itemitem`) is linear in the (distinct) history items: it adds
+``w(n) * p_j . q_i`` exactly (a :class:`LinearPart`). The sequence part (SASRec) is not attributed.
 
 The exported arrays (:meth:`ReasonSpace.arrays`) travel with the served vectors, so publishing needs no model.
 :func:`deletion_test` measures fidelity: removing the top reason from a history must lower that item's score (and
@@ -18,7 +20,7 @@ rank) more than removing a random history item.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,11 +40,23 @@ class ReasonBlock:
 
 
 @dataclass
+class LinearPart:
+    """A part of the score that is a weighted sum over the distinct history items: history item j adds
+    ``weight[bucket(n)] * history[j] . items[i]`` to item i (``weight`` per :data:`POPULARITY_BUCKETS` bucket)."""
+
+    history: np.ndarray  # (n_items, r)
+    items: np.ndarray  # (n_items, r)
+    weight: np.ndarray  # (n_buckets,)
+
+
+@dataclass
 class ReasonSpace:
-    """Every served network's :class:`ReasonBlock`, and the support length the networks read (``support_cap``)."""
+    """Every served network's :class:`ReasonBlock`, the support length the networks read (``support_cap``) and the
+    linear parts added on top of the networks' scores."""
 
     blocks: list[ReasonBlock]
     support_cap: int
+    linear: list[LinearPart] = field(default_factory=list)
 
     def block_of(self, lengths: np.ndarray) -> np.ndarray:
         """Index of the block that serves each history length (-1: none)."""
@@ -83,7 +97,26 @@ class ReasonSpace:
             c[(hist[users] < 0)[:, None, :].repeat(k, axis=1)] = 0.0
             c[(recs[users] < 0)[:, :, None].repeat(hist.shape[1], axis=2)] = 0.0
             out[users] = c
+        for part in self.linear:
+            out += self._linear(part, recs, hist, lengths)
         return out
+
+    @staticmethod
+    def _linear(part: LinearPart, recs: np.ndarray, hist: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        from nightrec.model.recommender import history_bucket
+
+        weight = np.asarray(part.weight, np.float32)[history_bucket(np.asarray(lengths))]
+        v = part.items[np.maximum(recs, 0)]  # (B, k, r)
+        h = part.history[np.maximum(hist, 0)]  # (B, L, r)
+        c = np.einsum("bkr,blr->bkl", v, h) * weight[:, None, None]
+        c[np.broadcast_to((hist < 0)[:, None, :], c.shape)] = 0.0
+        c[np.broadcast_to((recs < 0)[:, :, None], c.shape)] = 0.0
+        # a repeated history item counts once in the part: its share goes to its newest slot
+        for row, slots in enumerate(hist):
+            _, first = np.unique(slots, return_index=True)
+            repeated = np.setdiff1d(np.flatnonzero(slots >= 0), first)
+            c[row][:, repeated] = 0.0
+        return c
 
     # --- travels with the served vectors (plain named arrays, no pickle) -------------------------------------
     def arrays(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -99,7 +132,11 @@ class ReasonSpace:
                     "max_history": block.max_history,
                 }
             )
-        return tensors, {"blocks": blocks, "support_cap": self.support_cap}
+        for p, part in enumerate(self.linear):
+            tensors[f"reason_linear_history_{p}"] = np.ascontiguousarray(part.history, np.float32)
+            tensors[f"reason_linear_items_{p}"] = np.ascontiguousarray(part.items, np.float32)
+            tensors[f"reason_linear_weight_{p}"] = np.ascontiguousarray(part.weight, np.float32)
+        return tensors, {"blocks": blocks, "support_cap": self.support_cap, "linear": len(self.linear)}
 
     @classmethod
     def from_arrays(cls, tensors: dict[str, np.ndarray], header: dict | None) -> ReasonSpace | None:
@@ -116,7 +153,15 @@ class ReasonSpace:
             )
             for b, spec in enumerate(header["blocks"])
         ]
-        return cls(blocks, int(header["support_cap"]))
+        linear = [
+            LinearPart(
+                history=tensors[f"reason_linear_history_{p}"],
+                items=tensors[f"reason_linear_items_{p}"],
+                weight=tensors[f"reason_linear_weight_{p}"],
+            )
+            for p in range(int(header.get("linear", 0)))
+        ]
+        return cls(blocks, int(header["support_cap"]), linear)
 
 
 def newest_first(histories: list[np.ndarray], width: int) -> np.ndarray:

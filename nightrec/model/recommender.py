@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nightrec.model.config import TrainConfig, cold_config
+from nightrec.model.itemitem import ItemItem
 from nightrec.model.network import MetaRecModel
-from nightrec.model.reasons import ReasonBlock, ReasonSpace
+from nightrec.model.reasons import LinearPart, ReasonBlock, ReasonSpace
 from nightrec.model.sasrec import SASRec
 from nightrec.model.sequences import pad_histories, profile_matrix, user_sequences
 from nightrec.storage import atomic
@@ -58,6 +59,10 @@ class Recommender:
     # the popularity prior). None: no sequence part (a model saved before it existed, or turned off).
     sequence: SASRec | None = None
     sequence_weight: np.ndarray | None = None
+    # The item-item part: a low-rank shrunk item-item model (nightrec.model.itemitem), added the same way with its
+    # own weight per bucket (``item_item_weight``). None: none (an older model, or turned off).
+    item_item: ItemItem | None = None
+    item_item_weight: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
@@ -84,6 +89,16 @@ class Recommender:
     def has_sequence(self) -> bool:
         return self.sequence is not None and self.sequence_weight is not None
 
+    @property
+    def has_item_item(self) -> bool:
+        return self.item_item is not None and self.item_item_weight is not None
+
+    def item_item_weights(self, lengths) -> np.ndarray:
+        """The item-item part's weight for users with these history lengths (0 without one)."""
+        if not self.has_item_item:
+            return np.zeros(len(lengths), dtype=np.float32)
+        return np.asarray(self.item_item_weight, dtype=np.float32)[history_bucket(lengths)]
+
     def sequence_weights(self, lengths) -> np.ndarray:
         """The sequence part's weight for users with these history lengths (0 without one)."""
         lengths = np.asarray(lengths, dtype=np.int64)
@@ -92,7 +107,7 @@ class Recommender:
         return np.asarray(self.sequence_weight, dtype=np.float32)[history_bucket(lengths)]
 
     @torch.inference_mode()
-    def item_matrix(self, prior: bool = True, sequence: bool = True) -> np.ndarray:
+    def item_matrix(self, prior: bool = True, sequence: bool = True, item_item: bool = True) -> np.ndarray:
         """(n_items, dim + 1) item vectors, bias as the last column; the cold model's block appended when present,
         then (with ``sequence``) the sequence part's item embeddings.
 
@@ -104,6 +119,8 @@ class Recommender:
             blocks += [out, bias.unsqueeze(1)]
         if sequence and self.has_sequence:
             blocks.append(torch.from_numpy(self.sequence.item_vectors()))
+        if item_item and self.has_item_item:
+            blocks.append(torch.from_numpy(self.item_item.items))
         matrix = torch.cat(blocks, dim=1).numpy().astype(np.float32)
         if prior and self.has_prior:
             matrix = self._with_prior_column(matrix, np.asarray(self.popularity, dtype=np.float32))
@@ -139,6 +156,7 @@ class Recommender:
         batch: int = 1024,
         prior: bool = True,
         sequence: bool = True,
+        item_item: bool = True,
     ) -> np.ndarray:
         """Adapted user vectors with a trailing 1 (the bias dimension); with a cold model, a user gets the warm block
         or the cold block (the other one zero) by the length of their history. With a popularity prior (and
@@ -148,6 +166,9 @@ class Recommender:
         if sequence and self.has_sequence:
             weights = self.sequence_weights([len(h) for h in histories])
             matrix = np.concatenate([matrix, weights[:, None] * self.sequence.states(histories)], axis=1)
+        if item_item and self.has_item_item:
+            weights = self.item_item_weights([len(h) for h in histories])
+            matrix = np.concatenate([matrix, weights[:, None] * self.item_item.states(histories)], axis=1)
         if prior and self.has_prior:
             matrix = self._with_prior_column(matrix, self.prior_weights([len(h) for h in histories]))
         return matrix
@@ -169,12 +190,17 @@ class Recommender:
         return both
 
     def score_histories(
-        self, histories: list[np.ndarray], profiles: np.ndarray | None = None, prior: bool = True, sequence: bool = True
+        self,
+        histories: list[np.ndarray],
+        profiles: np.ndarray | None = None,
+        prior: bool = True,
+        sequence: bool = True,
+        item_item: bool = True,
     ) -> np.ndarray:
         """(n_users, n_items) scores for users given their item-index histories (time order); ``prior`` and
         ``sequence`` say whether the popularity prior and the sequence part count."""
-        users = self.user_matrix(histories, profiles, prior=prior, sequence=sequence)
-        return users @ self.item_matrix(prior=prior, sequence=sequence).T
+        parts = {"prior": prior, "sequence": sequence, "item_item": item_item}
+        return self.user_matrix(histories, profiles, **parts) @ self.item_matrix(**parts).T
 
     @torch.inference_mode()
     def reason_space(self) -> ReasonSpace:
@@ -206,7 +232,11 @@ class Recommender:
                     max_history=self.config.cold_below if cold else None,
                 )
             )
-        return ReasonSpace(blocks, support_cap=self.config.max_history)
+        linear = []
+        if self.has_item_item:
+            part = self.item_item
+            linear.append(LinearPart(part.history, part.items, np.asarray(self.item_item_weight, np.float32)))
+        return ReasonSpace(blocks, support_cap=self.config.max_history, linear=linear)
 
     def served_vectors(
         self,
@@ -256,6 +286,13 @@ class Recommender:
             seq_tensors, sequence_header = self.sequence.arrays()
             tensors |= seq_tensors
             tensors["sequence_weight"] = torch.from_numpy(np.ascontiguousarray(self.sequence_weight, np.float32))
+        item_item_header = None
+        if self.has_item_item:
+            part = self.item_item
+            tensors["item_item.history"] = torch.from_numpy(np.ascontiguousarray(part.history, np.float32))
+            tensors["item_item.items"] = torch.from_numpy(np.ascontiguousarray(part.items, np.float32))
+            tensors["item_item_weight"] = torch.from_numpy(np.ascontiguousarray(self.item_item_weight, np.float32))
+            item_item_header = {"rank": part.rank, "shrink": part.shrink}
         with atomic.staged_path(folder / "model.safetensors") as tmp:
             save_file(tensors, str(tmp))
         profile_dim = None if self.model.profile is None else self.model.profile.in_features
@@ -266,8 +303,11 @@ class Recommender:
                 "config": self.config.to_dict(),
                 "item_ids": list(self.item_ids),
                 "profile_dim": profile_dim,
-                "popularity_buckets": list(POPULARITY_BUCKETS) if self.has_prior or self.has_sequence else None,
+                "popularity_buckets": list(POPULARITY_BUCKETS)
+                if self.has_prior or self.has_sequence or self.has_item_item
+                else None,
                 "sequence": sequence_header,
+                "item_item": item_item_header,
                 "meta": self.meta,
             },
         )
@@ -286,7 +326,14 @@ class Recommender:
         sequence, sequence_weight = None, tensors.pop("sequence_weight", None)
         if header.get("sequence") and sequence_weight is not None:
             sequence = SASRec.from_arrays(tensors, header["sequence"], len(header["item_ids"]))
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("sequence")}
+        item_item, item_item_weight = None, tensors.pop("item_item_weight", None)
+        if header.get("item_item") and item_item_weight is not None:
+            item_item = ItemItem(
+                history=tensors.pop("item_item.history").numpy(),
+                items=tensors.pop("item_item.items").numpy(),
+                **header["item_item"],
+            )
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(("sequence", "item_item"))}
         buckets = header.get("popularity_buckets")
         if beta is not None and buckets is not None and tuple(buckets) != POPULARITY_BUCKETS:
             raise ValueError(f"{folder}: popularity buckets {buckets} != {list(POPULARITY_BUCKETS)}")
@@ -309,4 +356,6 @@ class Recommender:
             popularity_beta=None if beta is None else beta.numpy(),
             sequence=sequence,
             sequence_weight=None if sequence_weight is None else sequence_weight.numpy(),
+            item_item=item_item,
+            item_item_weight=None if item_item_weight is None else item_item_weight.numpy(),
         )

@@ -344,16 +344,21 @@ def best_sasrec(
     init: tuple[SASRec, np.ndarray] | None = None,
     budget_s: float | None = None,
     on_epoch: EpochCallback | None = None,
+    give_up_below: float | None = None,
 ) -> tuple[dict, SASRec, list[dict]]:
     """:func:`tune_sasrec`'s parameters, the best trial's early-stopped model and every trial's record; ``init`` is
     passed to every trial (:class:`SASRec`). With ``budget_s``, no trial starts once that many seconds have gone
-    (the first always runs); the skipped trials are recorded as such."""
+    (the first always runs); with ``give_up_below``, none after a first trial that scored below it (a part that far
+    behind the rest of the score is not worth a search). The skipped trials are recorded as such."""
     best_value, best, best_model, trials = -1.0, None, None, []
     longest = max((len(s) for s in train), default=0) - 1  # inputs are a history without its last item
     started = time.perf_counter()
     for params in grid or default_grid(len(train), longest):
         if trials and budget_s is not None and time.perf_counter() - started >= budget_s:
             trials.append({**params, "skipped": f"tuning budget of {budget_s:g} s spent"})
+            continue
+        if trials and give_up_below is not None and best_value < give_up_below:
+            trials.append({**params, "skipped": f"first trial {best_value:.4f} below {give_up_below:.4f}"})
             continue
         model = SASRec(
             train,

@@ -105,7 +105,9 @@ def test_served_vectors_carry_the_prior_as_one_more_inner_product_dimension(bloc
 
 
 def test_the_prior_can_be_turned_off():
-    off = fit_recommender(popular_events(), ITEMS, TEXT, None, replace(CONFIG, use_id=False, popularity_prior=False))
+    off = fit_recommender(
+        popular_events(), ITEMS, TEXT, None, replace(CONFIG, use_id=False, popularity_prior=False, item_item_part=False)
+    )
     assert not off.has_prior and off.item_matrix().shape[1] == CONFIG.dim + 1
     assert off.meta["trained_users"] == 300
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from nightrec.model import Recommender, TrainConfig, pad_histories, user_sequences
-from nightrec.model.reasons import ReasonSpace, deletion_test, newest_first
+from nightrec.model.reasons import LinearPart, ReasonSpace, deletion_test, newest_first
+from nightrec.model.recommender import history_bucket
 from nightrec.storage.vectors import load_served_vectors, save_served_vectors
 from nightrec.tasks import index, publish
 from nightrec.tasks.train import fit_recommender
@@ -30,7 +31,11 @@ def trained() -> Recommender:
 def test_contributions_are_exactly_the_history_part_of_the_score():
     """Without inner steps the user vector is linear in the history: prior + pooling bias + the sum of the parts."""
     model = fit_recommender(
-        checkerboard_events(60), ITEM_IDS, TEXT, None, replace(CONFIG, epochs=3, inner_steps=0, popularity_prior=False)
+        checkerboard_events(60),
+        ITEM_IDS,
+        TEXT,
+        None,
+        replace(CONFIG, epochs=3, inner_steps=0, popularity_prior=False, item_item_part=False, sequence_part=False),
     )
     net = model.model
     space = model.reason_space()
@@ -44,6 +49,27 @@ def test_contributions_are_exactly_the_history_part_of_the_score():
         history_part = (u0 - net.prior - net.pool.bias).numpy()
     expected = np.einsum("bd,bkd->bk", history_part, out.numpy()[recs])
     np.testing.assert_allclose(parts.sum(axis=2), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_item_item_parts_contributions_sum_to_its_weighted_score():
+    """The item-item part is linear in the distinct history items: its reasons add up to exactly its share."""
+    histories = [np.array([0, 1, 2, 1]), np.array([13, 3, 14])]  # a repeat counts once, in its newest slot
+    lengths = np.array([len(h) for h in histories])
+    part = LinearPart(
+        history=np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32),
+        items=np.random.default_rng(1).normal(size=(20, 4)).astype(np.float32),
+        weight=np.linspace(0.5, 2.0, 9).astype(np.float32),
+    )
+    space = ReasonSpace([], support_cap=50, linear=[part])
+    recs = np.array([[5, 12, 19], [0, 9, 17]])
+    parts = space.contributions(recs, newest_first(histories, 4), lengths)
+    users = np.stack([part.history[np.unique(h)].sum(0) for h in histories])
+    weight = part.weight[history_bucket(lengths)]
+    expected = weight[:, None] * np.einsum("br,bkr->bk", users, part.items[recs])
+    np.testing.assert_allclose(parts.sum(axis=2), expected, rtol=1e-5, atol=1e-5)
+    tensors, header = space.arrays()
+    again = ReasonSpace.from_arrays(tensors, header)
+    np.testing.assert_allclose(again.contributions(recs, newest_first(histories, 4), lengths), parts)
 
 
 def test_top_reasons_come_from_the_recommended_items_block(trained):
