@@ -9,7 +9,6 @@ import functools
 import glob
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -403,13 +402,11 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
             },
             "gate_decision.json",
         )
-        # Registered as an MLflow pyfunc with a signature: the registry UI shows its schema and anyone can load it.
-        mlflow_model = Path(workdir) / "mlflow-model"
-        shutil.rmtree(mlflow_model, ignore_errors=True)  # a retried stage starts clean
-        pyfunc_model.save_pyfunc(Path(model_dir), mlflow_model)
-        version = registry.register_model(
-            st.client, name, mlflow_model, parent_run_id, {"holdout_ndcg_at_10": new_ndcg}
-        )
+        # A Logged Model of the night (a pyfunc with a signature) registered from it: anyone can load it.
+        spec = pyfunc_model.pyfunc_spec(Path(model_dir))
+        version = registry.log_model(st.client, name, parent_run_id, {"holdout_ndcg_at_10": new_ndcg}, spec)
+        tracking.set_description(st.client, parent_run_id, decision.reason)
+        tracking.set_description(st.client, st.run_id, decision.reason)
         if decision.promote:
             registry.promote(st.client, name, version)
         serve_new = decision.publish == "new" or champion is None

@@ -101,3 +101,10 @@ def log_dataset(
         profile=json.dumps(dict(profile), default=str),
     )
     client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as the run's description
+
+
+def set_description(client: MlflowClient, run_id: str, text: str) -> None:
+    client.set_tag(run_id, DESCRIPTION_TAG, text[:5000])
