@@ -285,21 +285,18 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
         )
         for context, frame in (("training", train_events), ("holdout", holdout)):
             profile = {
-                "rows": frame.height,
                 "users": frame["user_id"].n_unique(),
                 "items": frame["item_id"].n_unique(),
                 "first_date": frame["date"].min(),
                 "last_date": frame["date"].max(),
             }
-            tracking.log_dataset(
-                st.client, st.run_id, f"events-{context}", key, str(st.lake.events_dir), profile, context
-            )
+            runs = (st.run_id, st.parent_run_id)
+            tracking.log_dataset(st.client, runs, frame, f"events-{context}", str(st.lake.events_dir), context, profile)
         # No profile vectors: today's profiles include the holdout days, which would leak into the evaluation.
-        recommender = train.fit_recommender(train_events, item_ids, text, None, config, init_from=init_from)
+        live = functools.partial(tracking.log_training_epoch, st.client, st.run_id)  # each epoch as it ends
+        recommender = train.fit_recommender(train_events, item_ids, text, None, config, init_from, progress=live)
         model_dir = recommender.save(Path(models_root) / key)
         losses = recommender.meta.get("losses") or []
-        for epoch, loss in enumerate(losses):
-            tracking.log_metrics(st.client, st.run_id, {"train_loss": loss}, step=epoch)
         if losses:
             tracking.log_figure(st.client, st.run_id, plots.loss_curve(losses), "plots/train_loss.png")
         _log_model_choices(st, recommender.meta)
