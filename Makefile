@@ -11,7 +11,7 @@ LOCK_INDEXES ?= --index-url https://pypi.org/simple --find-links /opt/wheels
 LOCK_VENV ?= .venv-lock
 UV_VERSION ?= 0.13.9
 LOCK := UV_CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/uv pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
-	--python-platform x86_64-manylinux_2_28 $(LOCK_INDEXES)
+	--python-platform x86_64-manylinux_2_28 --no-strip-extras $(LOCK_INDEXES)
 
 .PHONY: demo test lint lock bench clean
 
