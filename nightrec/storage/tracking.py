@@ -140,16 +140,21 @@ def log_training_epoch(client: MlflowClient, run_id: str, phase: str, epoch: int
 
 
 def log_night_settings(client: MlflowClient, run_id: str, settings) -> None:
-    """The night's settings (a :class:`nightrec.settings.Settings`) as the run's params, credentials redacted, so
-    two nights can be compared by what they were told to do."""
+    """The night's settings (a :class:`nightrec.settings.Settings`) as the run's params, so two nights can be
+    compared by what they were told to do: every set field, the places the unset ones resolve to (``lake_root``,
+    ``tracking_uri``, ``artifact_root``), credentials redacted."""
     from nightrec.redaction import redact
 
-    values = settings.model_dump(mode="json")
-    log_params(
-        client,
-        run_id,
-        {key: redact(json.dumps(v) if isinstance(v, dict | list) else str(v)) for key, v in values.items()},
+    values = {key: v for key, v in settings.model_dump(mode="json").items() if v is not None}
+    values.update(
+        {
+            "lake_root": str(settings.lake_root),
+            "tracking_uri": settings.tracking_uri,
+            "artifact_root": settings.artifact_root,
+        }
     )
+    params = {key: redact(json.dumps(v) if isinstance(v, dict | list) else str(v)) for key, v in values.items()}
+    log_params(client, run_id, params)
 
 
 DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as the run's description

@@ -91,6 +91,8 @@ def test_settings_are_params_with_credentials_redacted(store, monkeypatch, tmp_p
     params = client.get_run(run).data.params
     assert params["top_k"] == "17" and params["seed"] == "42" and params["holdout_days"] == "7"
     assert "s3cret" not in json.dumps(params) and "db:5432" in params["mlflow_tracking_uri"]
+    assert "lake" not in params and params["lake_root"] == str(Settings().lake_root)  # unset: where it resolves to
+    assert "s3cret" not in params["tracking_uri"]
 
 
 def test_description_and_experiment_type(store, tmp_path):
