@@ -283,15 +283,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
         tracking.log_params(
             st.client, st.run_id, {**config.to_dict(), **split.profile(), "init_from": init_from or "scratch"}
         )
-        for context, frame in (("training", train_events), ("holdout", holdout)):
-            profile = {
-                "users": frame["user_id"].n_unique(),
-                "items": frame["item_id"].n_unique(),
-                "first_date": frame["date"].min(),
-                "last_date": frame["date"].max(),
-            }
-            runs = (st.run_id, st.parent_run_id)
-            tracking.log_dataset(st.client, runs, frame, f"events-{context}", str(st.lake.events_dir), context, profile)
+        tracking.log_split(st.client, (st.run_id,), train_events, holdout, str(st.lake.events_dir))
         # No profile vectors: today's profiles include the holdout days, which would leak into the evaluation.
         live = functools.partial(tracking.log_training_epoch, st.client, st.run_id)  # each epoch as it ends
         recommender = train.fit_recommender(train_events, item_ids, text, None, config, init_from, progress=live)
@@ -346,6 +338,9 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
         name = st.settings.registered_model
         events = night_events(st.lake, run_date)
         split = night_split(st.settings, events, run_date)
+        # On the parent here, not in train: a re-run of the night skips a training it already did, never this stage.
+        runs = (st.run_id, parent_run_id)
+        tracking.log_split(st.client, runs, split.train, split.holdout, str(st.lake.events_dir))
         # Full ranking over the night's items: a champion trained before an item reached the logs cannot rank it.
         item_ids, _ = catalogue.night_item_ids(st.lake.read_items(), events)
         champion = registry.champion(st.client, name)

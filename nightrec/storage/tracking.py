@@ -132,6 +132,21 @@ def log_dataset(
     return entity.digest
 
 
+def log_split(
+    client: MlflowClient, run_ids: Sequence[str], train: pl.DataFrame, holdout: pl.DataFrame, source: str
+) -> None:
+    """The night's training and holdout events as the datasets ``events-training`` and ``events-holdout`` of each run
+    (contexts ``training`` and ``holdout``), with users, items and the date range in their profiles."""
+    for context, frame in (("training", train), ("holdout", holdout)):
+        profile = {
+            "users": frame["user_id"].n_unique(),
+            "items": frame["item_id"].n_unique(),
+            "first_date": frame["date"].min(),
+            "last_date": frame["date"].max(),
+        }
+        log_dataset(client, run_ids, frame, f"events-{context}", source, context, profile)
+
+
 def log_training_epoch(client: MlflowClient, run_id: str, phase: str, epoch: int, values: Mapping[str, float]) -> None:
     """One epoch of one training phase, logged as it ends (the ``progress`` callback of
     :func:`nightrec.tasks.train.fit_recommender`): ``<phase>/<value>`` at step ``epoch``, e.g. ``meta/loss`` and

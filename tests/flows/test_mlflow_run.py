@@ -35,7 +35,9 @@ def test_the_parent_run_carries_settings_datasets_description_and_the_logged_mod
     assert parent.data.tags["mlflow.note.content"] == summary["gate"]["reason"]
 
     datasets = {i.tags[0].value: i.dataset for i in parent.inputs.dataset_inputs}
-    assert set(datasets) == {"training", "holdout"}
+    assert set(datasets) == {"training", "holdout"} and len(parent.inputs.dataset_inputs) == 2
+    train_run = client.get_run(summary["train"]["train_run_id"])
+    assert {i.dataset.digest for i in train_run.inputs.dataset_inputs} == {d.digest for d in datasets.values()}
     assert datasets["training"].digest != datasets["holdout"].digest
     for context, dataset in datasets.items():
         profile = json.loads(dataset.profile)
