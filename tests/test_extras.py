@@ -38,3 +38,17 @@ def test_the_ray_runner_without_ray_names_the_ray_extra(monkeypatch, tmp_path):
     expected = r"task_runner=ray needs ray, prefect-ray.*nightrec\[ray\]"
     with pytest.raises(MissingExtraError, match=expected), scaleout.shard_plan(settings):
         pass
+
+
+def test_evaluate_without_implicit_is_refused_in_one_line(home, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from nightrec.flows.cli import app
+    from tests.flows.test_offline import _amazon_folder
+
+    monkeypatch.setitem(sys.modules, "implicit", None)
+    folder = _amazon_folder(tmp_path / "tiny-shop")
+    result = CliRunner().invoke(app, ["evaluate", "--dataset", str(folder), "--seeds", "1", "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert "refused: the ALS peer needs implicit" in result.output and "nightrec[peers]" in result.output
+    assert "Traceback" not in result.output
