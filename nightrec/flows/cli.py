@@ -234,12 +234,14 @@ def evaluate(
             raise typer.BadParameter(f"{folder}: no such folder (nor under {datasets_dir})", param_hint="--dataset")
         sources.append(folder)
     settings = _settings()
+    from nightrec.extras import MissingExtraError
+
     for source in sources:
         try:
             report = run_offline_evaluation(
                 settings, source, epochs, seeds=range(seeds), progress=lambda m: typer.echo(m, err=True)
             )
-        except ValueError as exc:  # a folder that is neither layout
+        except (ValueError, MissingExtraError) as exc:  # a folder that is neither layout; a peer not installed
             raise _fail(f"refused: {exc}", 2) from exc
         typer.echo(report["markdown"])
         typer.echo(f"MLflow run {report['mlflow_run_id']} in {redact(settings.tracking_uri)}")

@@ -82,6 +82,7 @@ def _run_night(
         "prefect.flow_run_id": str(flow_run.id or ""),
     }
     parent = tracking.start_run(client, exp, f"nightly-{day.isoformat()}", tags)
+    tracking.log_night_settings(client, parent, settings)
     night_dir = settings.home / "runs" / day.isoformat()
     workdir = night_dir / parent
     workdir.mkdir(parents=True, exist_ok=True)

@@ -96,8 +96,10 @@ def shard_plan(settings: Settings) -> Iterator[ShardPlan]:
     if settings.task_runner != "ray":
         yield ShardPlan(shards=settings.shards or 1)
         return
-    import ray
-    from prefect_ray import RayTaskRunner
+    from nightrec.extras import require
+
+    ray = require("ray", "ray", "task_runner=ray")
+    RayTaskRunner = require("prefect_ray", "ray", "task_runner=ray").RayTaskRunner
 
     owns = not ray.is_initialized()
     if owns:

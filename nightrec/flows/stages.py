@@ -9,7 +9,6 @@ import functools
 import glob
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -284,23 +283,12 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
         tracking.log_params(
             st.client, st.run_id, {**config.to_dict(), **split.profile(), "init_from": init_from or "scratch"}
         )
-        for context, frame in (("training", train_events), ("holdout", holdout)):
-            profile = {
-                "rows": frame.height,
-                "users": frame["user_id"].n_unique(),
-                "items": frame["item_id"].n_unique(),
-                "first_date": frame["date"].min(),
-                "last_date": frame["date"].max(),
-            }
-            tracking.log_dataset(
-                st.client, st.run_id, f"events-{context}", key, str(st.lake.events_dir), profile, context
-            )
+        tracking.log_split(st.client, (st.run_id,), train_events, holdout, str(st.lake.events_dir))
         # No profile vectors: today's profiles include the holdout days, which would leak into the evaluation.
-        recommender = train.fit_recommender(train_events, item_ids, text, None, config, init_from=init_from)
+        live = functools.partial(tracking.log_training_epoch, st.client, st.run_id)  # each epoch as it ends
+        recommender = train.fit_recommender(train_events, item_ids, text, None, config, init_from, progress=live)
         model_dir = recommender.save(Path(models_root) / key)
         losses = recommender.meta.get("losses") or []
-        for epoch, loss in enumerate(losses):
-            tracking.log_metrics(st.client, st.run_id, {"train_loss": loss}, step=epoch)
         if losses:
             tracking.log_figure(st.client, st.run_id, plots.loss_curve(losses), "plots/train_loss.png")
         _log_model_choices(st, recommender.meta)
@@ -350,6 +338,9 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
         name = st.settings.registered_model
         events = night_events(st.lake, run_date)
         split = night_split(st.settings, events, run_date)
+        # On the parent here, not in train: a re-run of the night skips a training it already did, never this stage.
+        runs = (st.run_id, parent_run_id)
+        tracking.log_split(st.client, runs, split.train, split.holdout, str(st.lake.events_dir))
         # Full ranking over the night's items: a champion trained before an item reached the logs cannot rank it.
         item_ids, _ = catalogue.night_item_ids(st.lake.read_items(), events)
         champion = registry.champion(st.client, name)
@@ -403,13 +394,11 @@ def evaluate_and_gate(run_date: dt.date, parent_run_id: str, workdir: str, model
             },
             "gate_decision.json",
         )
-        # Registered as an MLflow pyfunc with a signature: the registry UI shows its schema and anyone can load it.
-        mlflow_model = Path(workdir) / "mlflow-model"
-        shutil.rmtree(mlflow_model, ignore_errors=True)  # a retried stage starts clean
-        pyfunc_model.save_pyfunc(Path(model_dir), mlflow_model)
-        version = registry.register_model(
-            st.client, name, mlflow_model, parent_run_id, {"holdout_ndcg_at_10": new_ndcg}
-        )
+        # A Logged Model of the night (a pyfunc with a signature) registered from it: anyone can load it.
+        spec = pyfunc_model.pyfunc_spec(Path(model_dir))
+        version = registry.log_model(st.client, name, parent_run_id, {"holdout_ndcg_at_10": new_ndcg}, spec)
+        tracking.set_description(st.client, parent_run_id, decision.reason)
+        tracking.set_description(st.client, st.run_id, decision.reason)
         if decision.promote:
             registry.promote(st.client, name, version)
         serve_new = decision.publish == "new" or champion is None

@@ -1,17 +1,21 @@
 """The MLflow model registry (``nightrec-recommender``) and the champion gate.
 
-Every night's model is registered as a new version whose files are the run's ``model/`` artifacts and whose tags carry
-its holdout metrics; the alias ``champion`` names the version that serves. :func:`gate_paired` is the nightly's pure
-decision rule (per-user NDCG@10, a paired bootstrap, a minimum number of users); :func:`gate` is the same rule on
-mean figures alone, for callers without per-user figures.
+Every night's model is logged as an MLflow Logged Model of the night's parent run (the run page lists it, with its
+files and requirements) and registered from it as a new version whose tags carry its holdout metrics under their own
+names (``holdout_ndcg_at_10``); the alias ``champion`` names the version that serves. :func:`gate_paired` is the
+nightly's pure decision rule (per-user NDCG@10, a paired bootstrap, a minimum number of users); :func:`gate` is the
+same rule on mean figures alone, for callers without per-user figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from mlflow.exceptions import MlflowException
@@ -19,7 +23,16 @@ from mlflow.tracking import MlflowClient
 
 CHAMPION = "champion"
 MODEL_ARTIFACT = "model"
-METRIC_TAG_PREFIX = "holdout."
+# Tags of versions registered before metrics were tagged under their own names: still read, never written.
+LEGACY_METRIC_TAG_PREFIX = "holdout."
+CHAMPION_METRIC = "holdout_ndcg_at_10"
+# Where the champion's NDCG@10 is read from, first found wins: the nightly's name, the bare name, the legacy ones.
+CHAMPION_METRIC_TAGS = (
+    CHAMPION_METRIC,
+    "ndcg_at_10",
+    f"{LEGACY_METRIC_TAG_PREFIX}{CHAMPION_METRIC}",
+    f"{LEGACY_METRIC_TAG_PREFIX}ndcg_at_10",
+)
 PREVIOUS_CHAMPION_TAG = "nightrec.previous_champion"  # set on promotion: the version this one replaced
 BOOTSTRAP_RESAMPLES = 1000
 CONFIDENCE = 0.95
@@ -253,20 +266,86 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if math.isfinite(value) else "unmeasured"
 
 
-def register_model(client: MlflowClient, name: str, model_dir: Path, run_id: str, metrics: dict) -> str:
-    """Log ``model_dir`` as the run's ``model/`` artifacts and register them as a new version; returns the version.
+def metric_tags(metrics: Mapping[str, object]) -> dict[str, str]:
+    """Numeric metrics as version tags, under their own names (``holdout_ndcg_at_10``)."""
+    return {k: str(float(v)) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
-    Metrics become version tags (``holdout.<name>``) so the gate can read the champion's figures without its run.
-    """
+
+def log_model(
+    client: MlflowClient, name: str, run_id: str, metrics: Mapping[str, object], model: Mapping[str, Any]
+) -> str:
+    """Log a pyfunc as a Logged Model of ``run_id`` and register it under ``name``; returns the new version.
+
+    ``model``: the keyword arguments of :func:`mlflow.pyfunc.log_model` that define the model (``python_model``,
+    ``artifacts``, ``pip_requirements``, ...; see :func:`nightrec.tasks.pyfunc_model.pyfunc_spec`). The Logged Model
+    is created first with the run as its source, so the run (never the thread's "active run": Prefect tasks run in
+    worker threads) owns it; ``metrics`` go on the model and on the version as tags."""
+    import mlflow.pyfunc
+
+    _ensure_registered_model(client, name)
+    model_id = _new_logged_model(client, run_id, metrics)
+    with _process_uris(client):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, model_id=model_id, registered_model_name=name, tags=metric_tags(metrics), **model
+        )
+    return str(info.registered_model_version)
+
+
+def register_model(client: MlflowClient, name: str, model_dir: Path, run_id: str, metrics: dict) -> str:
+    """Log a ready folder ``model_dir`` (any files) as a Logged Model of ``run_id`` and register it as a new version;
+    returns the version. The nightly logs a pyfunc with :func:`log_model`; this is for folders already written."""
+    from mlflow.entities import LoggedModelStatus
+
+    _ensure_registered_model(client, name)
+    model_id = _new_logged_model(client, run_id, metrics)
+    client.log_model_artifacts(model_id, str(model_dir))
+    client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+    with _process_uris(client):
+        version = client.create_model_version(
+            name, f"models:/{model_id}", run_id=run_id, tags=metric_tags(metrics), model_id=model_id
+        )
+    return str(version.version)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="nightrec meta-learned recommender (served vectors source)")
-    client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
-    tags = {f"{METRIC_TAG_PREFIX}{k}": str(float(v)) for k, v in metrics.items() if isinstance(v, int | float)}
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
-    return str(version.version)
+
+
+def _new_logged_model(client: MlflowClient, run_id: str, metrics: Mapping[str, object]) -> str:
+    """A Logged Model with ``run_id`` as its source, listed among the run's outputs, its metrics linked to it."""
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_ARTIFACT, source_run_id=run_id)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    now = int(time.time() * 1000)
+    values = [
+        Metric(k, float(v), now, 0, model_id=logged.model_id, run_id=run_id)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    ]
+    if values:
+        client.log_batch(run_id, metrics=values)
+    return logged.model_id
+
+
+@contextlib.contextmanager
+def _process_uris(client: MlflowClient) -> Iterator[None]:
+    """MLflow's log_model and registration of ``models:/`` sources read the process-wide tracking and registry URIs,
+    not the client's: point them at the client's store for the call, then put them back."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client._registry_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
 
 
 def promote(client: MlflowClient, name: str, version: str) -> None:
@@ -306,9 +385,7 @@ def champion(client: MlflowClient, name: str, dst: Path | None = None) -> Champi
     except MlflowException:
         return None
     path = _local_copy(client, version, dst)
-    ndcg = version.tags.get(
-        f"{METRIC_TAG_PREFIX}ndcg_at_10", version.tags.get(f"{METRIC_TAG_PREFIX}holdout_ndcg_at_10")
-    )
+    ndcg = next((version.tags[key] for key in CHAMPION_METRIC_TAGS if key in version.tags), None)
     value = float(ndcg) if ndcg is not None else None
     return ChampionInfo(
         str(version.version), path, version.run_id, value if value is None or math.isfinite(value) else None
@@ -317,6 +394,8 @@ def champion(client: MlflowClient, name: str, dst: Path | None = None) -> Champi
 
 def _local_copy(client: MlflowClient, version, dst: Path | None) -> Path:
     source = version.source
+    if source.startswith("models:/m-"):  # a Logged Model: its files are under its artifact location
+        source = client.get_logged_model(source.removeprefix("models:/").split("/")[0]).artifact_location
     if source.startswith("file://"):
         from urllib.parse import unquote, urlparse
 

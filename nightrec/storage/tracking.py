@@ -7,13 +7,21 @@ import datetime as dt
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+if TYPE_CHECKING:
+    import polars as pl
+
 PARENT_TAG = "mlflow.parentRunId"
+# The MLflow UI opens an experiment without this tag under its GenAI view (traces, prompts); ours trains models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
@@ -23,13 +31,16 @@ def client_for(tracking_uri: str) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_root: str) -> str:
-    """The experiment's id, created with its artifact location under our home on first use."""
+    """The experiment's id, created with its artifact location under our home on first use, typed for model
+    training (an experiment created before it was typed gets the tag now)."""
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        if EXPERIMENT_KIND_TAG not in existing.tags:
+            client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return existing.experiment_id
     Path(artifact_root).mkdir(parents=True, exist_ok=True) if "://" not in artifact_root else None
     location = artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
 
 
 def start_run(
@@ -88,16 +99,81 @@ def find_parent_runs(client: MlflowClient, exp_id: str, run_date: dt.date) -> li
 
 
 def log_dataset(
-    client: MlflowClient, run_id: str, name: str, digest: str, source: str, profile: Mapping[str, object], context: str
-) -> None:
-    """Record a dataset input (shown in the run's "Datasets used" panel): digest, source, row counts, date range."""
+    client: MlflowClient,
+    run_ids: Sequence[str],
+    frame: pl.DataFrame,
+    name: str,
+    source: str,
+    context: str,
+    profile: Mapping[str, object] | None = None,
+) -> str:
+    """Record ``frame`` as a dataset input of each run (the run page's "Datasets used": name, digest, schema,
+    profile) through :func:`mlflow.data.from_polars`; its digest comes from the rows, so two different frames (the
+    night's training and holdout events) never share one. ``profile`` adds figures to MLflow's row counts.
+    Returns the digest."""
+    import mlflow.data
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    dataset = Dataset(
-        name=name,
-        digest=digest[:36],
-        source_type="local" if "://" not in source else source.split("://", 1)[0],
-        source=json.dumps({"uri": source}),
-        profile=json.dumps(dict(profile), default=str),
+    with warnings.catch_warnings():  # MLflow registers its local source type twice, then warns that it is ambiguous
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        described = mlflow.data.from_polars(frame, source=source, name=name).to_dict()
+    merged = {**json.loads(described.get("profile") or "{}"), **dict(profile or {})}
+    entity = Dataset(
+        name=described["name"],
+        digest=described["digest"],
+        source_type=described["source_type"],
+        source=described["source"],
+        schema=described.get("schema"),
+        profile=json.dumps(merged, default=str),
     )
-    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+    for run_id in run_ids:
+        client.log_inputs(run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    return entity.digest
+
+
+def log_split(
+    client: MlflowClient, run_ids: Sequence[str], train: pl.DataFrame, holdout: pl.DataFrame, source: str
+) -> None:
+    """The night's training and holdout events as the datasets ``events-training`` and ``events-holdout`` of each run
+    (contexts ``training`` and ``holdout``), with users, items and the date range in their profiles."""
+    for context, frame in (("training", train), ("holdout", holdout)):
+        profile = {
+            "users": frame["user_id"].n_unique(),
+            "items": frame["item_id"].n_unique(),
+            "first_date": frame["date"].min(),
+            "last_date": frame["date"].max(),
+        }
+        log_dataset(client, run_ids, frame, f"events-{context}", source, context, profile)
+
+
+def log_training_epoch(client: MlflowClient, run_id: str, phase: str, epoch: int, values: Mapping[str, float]) -> None:
+    """One epoch of one training phase, logged as it ends (the ``progress`` callback of
+    :func:`nightrec.tasks.train.fit_recommender`): ``<phase>/<value>`` at step ``epoch``, e.g. ``meta/loss`` and
+    ``meta/validation_ndcg``; the MLflow UI groups each phase's curves under its name."""
+    log_metrics(client, run_id, {f"{phase}/{key}": value for key, value in values.items()}, step=epoch)
+
+
+def log_night_settings(client: MlflowClient, run_id: str, settings) -> None:
+    """The night's settings (a :class:`nightrec.settings.Settings`) as the run's params, so two nights can be
+    compared by what they were told to do: every set field, the places the unset ones resolve to (``lake_root``,
+    ``tracking_uri``, ``artifact_root``), credentials redacted."""
+    from nightrec.redaction import redact
+
+    values = {key: v for key, v in settings.model_dump(mode="json").items() if v is not None}
+    values.update(
+        {
+            "lake_root": str(settings.lake_root),
+            "tracking_uri": settings.tracking_uri,
+            "artifact_root": settings.artifact_root,
+        }
+    )
+    params = {key: redact(json.dumps(v) if isinstance(v, dict | list) else str(v)) for key, v in values.items()}
+    log_params(client, run_id, params)
+
+
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as the run's description
+
+
+def set_description(client: MlflowClient, run_id: str, text: str) -> None:
+    client.set_tag(run_id, DESCRIPTION_TAG, text[:5000])

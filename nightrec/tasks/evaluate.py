@@ -85,8 +85,11 @@ class ALS:
         iterations: int = 15,
         seed: int = 42,
     ) -> None:
-        from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
+
+        from nightrec.extras import require
+
+        AlternatingLeastSquares = require("implicit.cpu.als", "peers", "the ALS peer").AlternatingLeastSquares
 
         with threadpool_limits(1, "blas"):
             model = AlternatingLeastSquares(

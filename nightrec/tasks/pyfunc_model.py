@@ -62,25 +62,46 @@ def signature():
     )
 
 
-def save_pyfunc(recommender_dir: Path, dst: Path) -> Path:
-    """Write the MLflow model folder (MLmodel + signature, code, weights) for ``recommender_dir`` at ``dst``."""
+# What the packaged model imports at load and predict time (nightrec's own code travels inside the model folder).
+# MLflow adds itself (``mlflow==<this version>``).
+RUNTIME_PACKAGES = ("torch", "safetensors", "numpy", "pandas", "polars")
+
+
+def pip_requirements() -> list[str]:
+    """``RUNTIME_PACKAGES`` pinned to the versions this environment runs, as a package index names them.
+
+    The local label is dropped (``torch 2.13.0+cpu`` -> ``torch==2.13.0``): no index serves a local version, so a
+    pinned ``+cpu`` makes the model uninstallable. ``torch==2.13.0`` still matches the CPU build where pip is given
+    one (a find-links folder, or ``--extra-index-url https://download.pytorch.org/whl/cpu``); plain PyPI serves the
+    default (CUDA) build of the same release."""
     import importlib.metadata as md
+
+    from packaging.version import Version
+
+    return [f"{name}=={Version(md.version(name)).public}" for name in RUNTIME_PACKAGES]
+
+
+def pyfunc_spec(recommender_dir: Path) -> dict:
+    """The keyword arguments of ``mlflow.pyfunc.save_model``/``log_model`` that define the model for the
+    safetensors + JSON folder ``recommender_dir``: models from code, weights as an artifact, signature, example."""
     import json
 
+    items = json.loads((Path(recommender_dir) / "model.json").read_text())["item_ids"]
+    return {
+        "python_model": str(Path(__file__).with_name("pyfunc_entry.py")),
+        "artifacts": {ARTIFACT: str(recommender_dir)},
+        "code_paths": [str(PACKAGE_DIR)],
+        "signature": signature(),
+        "input_example": (pd.DataFrame({"history": [items[:3]]}), {"k": 10}),
+        "pip_requirements": pip_requirements(),  # explicit: inferring them would run the model in a subprocess
+    }
+
+
+def save_pyfunc(recommender_dir: Path, dst: Path) -> Path:
+    """Write the MLflow model folder (MLmodel + signature, code, weights) for ``recommender_dir`` at ``dst``."""
     import mlflow.pyfunc
 
-    items = json.loads((Path(recommender_dir) / "model.json").read_text())["item_ids"]
-
-    requirements = [f"{name}=={md.version(name)}" for name in ("torch", "safetensors", "numpy", "pandas", "polars")]
-    mlflow.pyfunc.save_model(
-        path=str(dst),
-        python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
-        artifacts={ARTIFACT: str(recommender_dir)},
-        code_paths=[str(PACKAGE_DIR)],
-        signature=signature(),
-        input_example=(pd.DataFrame({"history": [items[:3]]}), {"k": 10}),
-        pip_requirements=requirements,  # explicit: inference would import and run the model in a subprocess
-    )
+    mlflow.pyfunc.save_model(path=str(dst), **pyfunc_spec(recommender_dir))
     return dst
 
 

@@ -69,7 +69,9 @@ def test_register_promote_and_worse_model_keeps_champion(tmp_path, client):
     name = "nightrec-recommender"
     assert registry.champion(mlflow_client, name) is None
     run1 = tracking.start_run(mlflow_client, exp, "night-1")
-    v1 = registry.register_model(mlflow_client, name, _model_dir(tmp_path, "m1", '{"m": 1}'), run1, {"ndcg_at_10": 0.3})
+    v1 = registry.register_model(
+        mlflow_client, name, _model_dir(tmp_path, "m1", '{"m": 1}'), run1, {"holdout_ndcg_at_10": 0.3}
+    )
     decision = registry.gate(0.3, None, 0.2, 0.02)
     assert decision.promote
     registry.promote(mlflow_client, name, v1)
@@ -78,12 +80,37 @@ def test_register_promote_and_worse_model_keeps_champion(tmp_path, client):
     assert (champ.path / "model.json").read_text() == '{"m": 1}'
 
     run2 = tracking.start_run(mlflow_client, exp, "night-2")
-    v2 = registry.register_model(mlflow_client, name, _model_dir(tmp_path, "m2", '{"m": 2}'), run2, {"ndcg_at_10": 0.2})
+    v2 = registry.register_model(
+        mlflow_client, name, _model_dir(tmp_path, "m2", '{"m": 2}'), run2, {"holdout_ndcg_at_10": 0.2}
+    )
     assert v2 != v1
     decision = registry.gate(0.2, champ.ndcg_at_10, 0.1, 0.02)
     assert not decision.promote and decision.publish == "champion"
     assert registry.champion(mlflow_client, name).version == v1  # alias untouched
     tags = mlflow_client.get_model_version(name, v2).tags
-    assert float(tags["holdout.ndcg_at_10"]) == pytest.approx(0.2)
+    assert float(tags["holdout_ndcg_at_10"]) == pytest.approx(0.2)  # named plainly, no "holdout." prefix
     copy = registry.champion(mlflow_client, name, dst=tmp_path / "dl")
     assert (copy.path / "model.json").exists()
+
+
+def test_a_registered_folder_is_a_logged_model_of_its_run(tmp_path, client):
+    mlflow_client, exp = client
+    run = tracking.start_run(mlflow_client, exp, "night")
+    version = registry.register_model(
+        mlflow_client, "m", _model_dir(tmp_path, "m1", "{}"), run, {"holdout_ndcg_at_10": 0.25, "note": "x"}
+    )
+    registered = mlflow_client.get_model_version("m", version)
+    (output,) = mlflow_client.get_run(run).outputs.model_outputs  # the run page lists it under "Logged models"
+    logged = mlflow_client.get_logged_model(output.model_id)
+    assert registered.source == f"models:/{logged.model_id}" and registered.run_id == run == logged.source_run_id
+    assert {m.key: m.value for m in logged.metrics} == {"holdout_ndcg_at_10": 0.25}
+    assert mlflow_client.get_run(run).info.status == "RUNNING"  # logging a model never closes the night's run
+
+
+def test_versions_tagged_the_old_way_still_give_the_champions_figure(tmp_path, client):
+    mlflow_client, exp = client
+    run = tracking.start_run(mlflow_client, exp, "night")
+    version = registry.register_model(mlflow_client, "m", _model_dir(tmp_path, "m1", "{}"), run, {})
+    mlflow_client.set_model_version_tag("m", version, "holdout.holdout_ndcg_at_10", "0.31")
+    registry.promote(mlflow_client, "m", version)
+    assert registry.champion(mlflow_client, "m").ndcg_at_10 == pytest.approx(0.31)
