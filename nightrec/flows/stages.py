@@ -318,6 +318,12 @@ def _log_model_choices(st: _Stage, meta: dict) -> None:
         tracking.log_params(
             st.client, st.run_id, {f"chosen.sequence_{k}": v for k, v in meta["sequence_params"].items()}
         )
+    if meta.get("item_item_trials"):
+        tracking.log_dict(st.client, st.run_id, meta["item_item_trials"], "tuning/item_item_trials.json")
+    if meta.get("item_item_params"):
+        tracking.log_params(
+            st.client, st.run_id, {f"chosen.item_item_{k}": v for k, v in meta["item_item_params"].items()}
+        )
     if meta.get("best_epoch") is not None:
         tracking.log_params(st.client, st.run_id, {"chosen.epochs": meta["best_epoch"]})
 
