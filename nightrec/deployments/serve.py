@@ -32,7 +32,6 @@ def deployments(settings: Settings) -> list:
         nightly.to_deployment(
             name="nightly",
             schedule=Cron(settings.nightly_cron, timezone=settings.timezone),
-            parameters={"trigger": "schedule"},
             concurrency_limit=1,
             description="Every stage for the scheduled date (taken from the run's scheduled start time).",
             tags=["nightrec"],

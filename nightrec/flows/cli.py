@@ -93,17 +93,38 @@ def ingest(
     typer.echo(f"lake: {lake.root}")
 
 
+def _check_night_inputs(settings: Settings) -> None:
+    """Refuse in one line (exit 2) a night that could only fail: nothing to train on. Checked before the flow
+    starts, so a user mistake is not retried and shows no traceback."""
+    from nightrec.storage.lake import Lake
+
+    lake = Lake(settings.lake_root)
+    if not lake.items_file.exists() and not settings.items_source:
+        raise _fail(
+            f"refused: no item catalogue in the lake ({lake.items_file}): run `nightrec ingest --items FILE` "
+            "first, or set NIGHTREC_ITEMS_SOURCE",
+            REFUSED_EXIT,
+        )
+    if not lake.event_dates() and not settings.events_source:
+        raise _fail(
+            f"refused: no events in the lake ({lake.events_dir}): run `nightrec ingest --events FILE` first, "
+            "or set NIGHTREC_EVENTS_SOURCE",
+            REFUSED_EXIT,
+        )
+
+
 @app.command()
 def nightly(date: DateOption = None) -> None:
     """The whole DAG for one date (default: today in the configured time zone)."""
     settings = _settings()
+    _check_night_inputs(settings)
     from nightrec.flows.locks import RunInProgressError, start_temporary_prefect_server
 
     start_temporary_prefect_server(settings.home)
     from nightrec.flows.nightly import nightly as nightly_flow
 
     try:
-        summary = nightly_flow(run_date=date.date() if date else None, trigger="manual")
+        summary = nightly_flow(run_date=date.date() if date else None)
     except RunInProgressError as exc:
         raise _fail(f"refused: {exc}", RUN_IN_PROGRESS_EXIT) from exc
     _print_night(summary)
@@ -117,6 +138,9 @@ def backfill(
 ) -> None:
     """Nightly for each date, oldest first, skipping published dates unless --force; re-running resumes."""
     settings = _settings()
+    if end < start:
+        raise _fail(f"refused: --end {end.date()} is before --start {start.date()}", REFUSED_EXIT)
+    _check_night_inputs(settings)
     from nightrec.flows.locks import start_temporary_prefect_server
     from nightrec.flows.nightly import BackfillError
 
@@ -127,6 +151,8 @@ def backfill(
         result = backfill_flow(start=start.date(), end=end.date(), force=force)
     except BackfillError as exc:
         raise _fail(str(exc)) from exc
+    for line in result["nights"]:
+        typer.echo(line)
     typer.echo(f"ran {len(result['ran'])} date(s): {', '.join(result['ran']) or '-'}")
     typer.echo(f"skipped {len(result['skipped'])} already published: {', '.join(result['skipped']) or '-'}")
 
@@ -181,7 +207,7 @@ def demo(
 
     start_temporary_prefect_server(settings.home)
 
-    summary = nightly_flow(run_date=spec.end + dt.timedelta(days=1), trigger="manual")
+    summary = nightly_flow(run_date=spec.end + dt.timedelta(days=1))
     _print_night(summary)
     from nightrec.storage import publication
     from nightrec.storage.lake import Lake
@@ -197,6 +223,13 @@ def _print_night(summary: dict) -> None:
     settings = Settings()
     gate, published = summary["gate"], summary["publish"]
     typer.echo(f"nightly {summary['run_date']}: {published.get('users')} users, {published.get('rows')} rows published")
+    ingest = summary.get("ingest")
+    if ingest:
+        quarantined = {k.removesuffix("_quarantined"): int(v) for k, v in ingest.items() if k.endswith("_quarantined")}
+        where = Path(settings.lake_root) / "quarantine"
+        landed = ", ".join(f"{kind} {int(ingest.get(kind + '_valid', 0))}" for kind in quarantined)
+        held = ", ".join(f"{kind} {count}" for kind, count in quarantined.items())
+        typer.echo(f"  ingest: landed {landed}; quarantined {held} row(s), with their reasons, in {where}")
     for name, metrics in gate["holdout"].items():
         typer.echo(f"  holdout {name:<11} NDCG@10 {metrics['ndcg_at_10']:.4f}  Recall@20 {metrics['recall_at_20']:.4f}")
     typer.echo(f"  model version {gate['model_version']} ({gate['published_model']}): {gate['reason']}")
