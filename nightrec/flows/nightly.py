@@ -171,9 +171,18 @@ def _run_night(
 
 
 def _upstream(summary: dict) -> list:
-    """The last stage's result (the summary's newest entry), as ``wait_for`` of the next stage."""
+    """The last stage's task-run state (of the summary's newest entry), as ``wait_for`` of the next stage.
+
+    The state, not the result: Prefect links a result's values too (strings, floats), so a result dict in wait_for
+    can also point at unrelated stages whose values share an ``id``."""
+    from prefect.utilities.annotations import quote
+    from prefect.utilities.engine import get_state_for_result
+
     last = list(summary.values())[-1]
-    return [last] if isinstance(last, dict) else []
+    found = get_state_for_result(last)
+    # Prefect keeps the state without its data; waiting on it reads the data, so it is put back, quoted: Prefect
+    # does not look inside a quote for more upstream runs.
+    return [found[0].model_copy(update={"data": quote(last)})] if found is not None else []
 
 
 def night_tracking(settings: Settings) -> tuple:
