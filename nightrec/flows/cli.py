@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import sys
@@ -279,21 +278,33 @@ def evaluate(
 
 
 @app.command()
-def serve() -> None:
-    """A local Prefect server (127.0.0.1) and the nightly + backfill deployments, in the foreground (Ctrl-C stops)."""
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address of the Prefect server (default NIGHTREC_SERVE_HOST, 127.0.0.1).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port of the Prefect server and its UI.")] = 4200,
+) -> None:
+    """A local Prefect server and the nightly + backfill deployments, in the foreground; Ctrl-C or SIGTERM stops
+    all of it. With NIGHTREC_PREFECT_API_URL set, serves the deployments to that server instead (README: the work
+    pool path, `prefect deploy` + `prefect worker start`, is the other way)."""
     settings = _settings()
     from nightrec.deployments.serve import serve_forever
 
-    serve_forever(settings)
+    try:
+        serve_forever(settings, port=port, host=host)
+    except ValueError as exc:  # a non-loopback host without authentication
+        raise _fail(f"refused: {exc}", REFUSED_EXIT) from exc
 
 
 @app.command()
 def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
-    """The MLflow UI for this home's runs on 127.0.0.1 (one worker; Ctrl-C stops). Only its own address is
-    accepted as Host and as a state-changing request's Origin (DNS rebinding, cross-site requests)."""
+    """The MLflow UI for this home's runs on 127.0.0.1 (one worker; Ctrl-C or SIGTERM stops it and its workers).
+    Only its own address is accepted as Host and as a state-changing request's Origin (DNS rebinding, cross-site
+    requests)."""
     import subprocess
 
     from nightrec.deployments.guard import own_addresses
+    from nightrec.deployments.serve import stop_process_group, terminated_as_interrupt
 
     settings = _settings()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -304,8 +315,16 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> 
         "--allowed-hosts", ",".join(sorted(hosts)), "--cors-allowed-origins", ",".join(sorted(origins)),
     ]  # fmt: skip
     typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (experiment '{settings.mlflow_experiment}')")
-    with contextlib.suppress(KeyboardInterrupt):
-        subprocess.run(command, env=env, check=False)
+    # Its own process group: a signal to us stops the server and every worker it forked, none is left listening.
+    with terminated_as_interrupt():
+        server = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_process_group(server)
+    typer.echo("stopped")
 
 
 def main() -> None:
