@@ -177,6 +177,8 @@ def recommend(
     titles = dict(lake.read_items().select("item_id", "title").iter_rows())
     first = frame.row(0, named=True)
     typer.echo(f"Recommendations for user {user} on {first['run_date']} (model version {first['model_version']}):")
+    if k > frame.height:
+        typer.echo(f"(asked for {k}: the published list has {frame.height} items, NIGHTREC_TOP_K when it was published)")
     for row in frame.head(k).iter_rows(named=True):
         title = titles.get(row["item_id"], row["item_id"])
         typer.echo(f"{row['rank']:>3}. {title}  [{row['item_id']}]  score {row['score']:.3f}")
@@ -215,7 +217,24 @@ def demo(
     for user in sorted(set(table.column("user_id").to_pylist()))[:2]:
         typer.echo("")
         recommend(user=user, k=5, date=None)
-    typer.echo(f"\nNext: `nightrec recommend --user {user}`, `nightrec ui` (MLflow), README.md for the rest.")
+    me = _command_name()
+    typer.echo(f"\nNext: `{me} recommend --user {user}`, `{me} ui` (MLflow), README.md for the rest.")
+    if me != "nightrec":
+        typer.echo(f"(`nightrec` is not on PATH in this shell: `. {Path(me).parent}/activate` puts it there)")
+
+
+def _command_name() -> str:
+    """How to type this command again: ``nightrec`` when that is on PATH, else the script's path (``.venv/bin/``)."""
+    import shutil
+
+    script = Path(sys.executable).with_name("nightrec")
+    found = shutil.which("nightrec")
+    if found and Path(found).resolve() == script.resolve():
+        return "nightrec"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def _print_night(summary: dict) -> None:
@@ -252,7 +271,7 @@ def evaluate(
         Path, typer.Option(envvar="NIGHTREC_DATASETS", help="Where dataset names are looked up.")
     ] = Path("../shared/datasets"),
 ) -> None:
-    """Offline evaluation (DESIGN.md protocol) of nightrec against the peers, one MLflow run per catalogue."""
+    """Offline evaluation (docs/design.md protocol) of nightrec against the peers, one MLflow run per catalogue."""
     from nightrec.flows.offline import run_offline_evaluation
 
     sources: list[Path | str] = []
