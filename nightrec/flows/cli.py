@@ -178,7 +178,7 @@ def recommend(
     first = frame.row(0, named=True)
     typer.echo(f"Recommendations for user {user} on {first['run_date']} (model version {first['model_version']}):")
     if k > frame.height:
-        typer.echo(f"(asked for {k}: the published list has {frame.height} items, NIGHTREC_TOP_K when it was published)")
+        typer.echo(f"(asked for {k}: the published list has {frame.height} items, NIGHTREC_TOP_K at publish time)")
     for row in frame.head(k).iter_rows(named=True):
         title = titles.get(row["item_id"], row["item_id"])
         typer.echo(f"{row['rank']:>3}. {title}  [{row['item_id']}]  score {row['score']:.3f}")
