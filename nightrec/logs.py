@@ -13,12 +13,13 @@ log file) a loop logs one line every :data:`PROGRESS_EVERY_S` seconds instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 LOGGER = "nightrec"
 PROGRESS_EVERY_S = 15.0  # off a terminal (or to the Prefect API): one progress line this often at most
@@ -91,6 +92,31 @@ def configure() -> None:
     if PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW.value() != "ignore":
         # Our lines outside a flow run (the CLI before or after it) have no run to go to; that is expected.
         os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.lines = lines
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@contextlib.contextmanager
+def captured() -> Iterator[list[str]]:
+    """The lines our loggers and Prefect's run loggers write while inside (INFO and up), e.g. for an MLflow artifact."""
+    lines: list[str] = []
+    handler = _Lines(lines)
+    loggers = [logging.getLogger(name) for name in (LOGGER, "prefect.flow_runs", "prefect.task_runs")]
+    for each in loggers:
+        each.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        for each in loggers:
+            each.removeHandler(handler)
 
 
 def figures(values: Mapping[str, object]) -> str:

@@ -131,6 +131,8 @@ def _run_night(
     night_dir = settings.home / "runs" / day.isoformat()
     workdir = night_dir / parent
     workdir.mkdir(parents=True, exist_ok=True)
+    log = contextlib.ExitStack()
+    lines = log.enter_context(logs.captured())  # the night's log lines, also as an MLflow artifact of the night
     try:
         summary: dict = {"run_date": day.isoformat(), "mlflow_run_id": parent, "trigger": trigger}
         failpoint("before:ingest")
@@ -163,11 +165,20 @@ def _run_night(
         _report(settings, client, exp, parent, summary)
     except BaseException as exc:
         client.set_tag(parent, "nightrec.error", redact(f"{type(exc).__name__}: {exc}")[:5000])
+        _log_lines(client, parent, log, lines)
         tracking.finish_run(client, parent, failed=True)
         raise
+    _log_lines(client, parent, log, lines)
     tracking.finish_run(client, parent)
     _prune_work_folders(settings.home / "runs")
     return summary
+
+
+def _log_lines(client, parent: str, capture: contextlib.ExitStack, lines: list[str]) -> None:
+    """Stop capturing and store the night's lines on its MLflow parent run (``logs/night.log``)."""
+    capture.close()
+    with contextlib.suppress(Exception):  # the log is a convenience: never the reason a night fails
+        client.log_text(parent, redact("\n".join(lines)) + "\n", "logs/night.log")
 
 
 def _upstream(summary: dict) -> list:

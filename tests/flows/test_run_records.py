@@ -4,6 +4,7 @@ API, the run graph's chain of stages, the run's name and trigger; and a determin
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -46,6 +47,8 @@ def test_a_night_is_logged_to_the_api_chained_named_and_tagged_manual(prefect_se
     parent = client.get_run(summary["mlflow_run_id"])
     flow_run_id = parent.data.tags["prefect.flow_run_id"]
     assert parent.data.tags["nightrec.trigger"] == "manual"
+    night_log = client.download_artifacts(parent.info.run_id, "logs/night.log", str(tmp_path))
+    assert "publish: done in" in Path(night_log).read_text()  # the night's lines are on its MLflow run too
 
     messages = flow_run_logs(flow_run_id, f"night {FIRST_NIGHT}: done in")
     for stage in CHAIN:
