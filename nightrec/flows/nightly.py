@@ -322,6 +322,7 @@ def backfill(start: dt.date, end: dt.date, force: bool = False) -> dict:
                 ) from exc
             done.append(day.isoformat())
             nights.append(f"{day}: {night_line(summary)}")
-        NIGHT_LOG.info("backfill %s", nights[-1])
+        # The API's copy; `nightrec backfill` prints these lines once at the end (each night logs its own end line).
+        NIGHT_LOG.info("backfill %s", nights[-1], extra={"terminal": False})
         day += dt.timedelta(days=1)
     return {"ran": done, "skipped": skipped, "nights": nights}
