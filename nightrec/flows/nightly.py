@@ -190,6 +190,8 @@ def _upstream(summary: dict) -> list:
     from prefect.utilities.engine import get_state_for_result
 
     last = list(summary.values())[-1]
+    if not isinstance(last, dict):  # no stage ran yet (the summary's run date, run id, trigger)
+        return []
     found = get_state_for_result(last)
     # Prefect keeps the state without its data; waiting on it reads the data, so it is put back, quoted: Prefect
     # does not look inside a quote for more upstream runs.
