@@ -14,6 +14,7 @@ log file) a loop logs one line every :data:`PROGRESS_EVERY_S` seconds instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -84,14 +85,27 @@ def configure() -> None:
     if not any(isinstance(h, TerminalHandler) for h in ours.handlers):
         ours.addHandler(TerminalHandler())
     if not any(isinstance(h, APILogHandler) for h in ours.handlers):
-        ours.addHandler(APILogHandler())
+        ours.addHandler(_in_run_api_handler_class()())
     for name, level in QUIET.items():
         logging.getLogger(name).setLevel(level)
-    from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW
 
-    if PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW.value() != "ignore":
-        # Our lines outside a flow run (the CLI before or after it) have no run to go to; that is expected.
-        os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
+
+@functools.cache
+def _in_run_api_handler_class() -> type:
+    """Built on first use: Prefect is imported only by what runs flows, not by every user of :class:`Progress`."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    class InRunAPIHandler(APILogHandler):
+        """Prefect's API handler for records inside a flow or task run; others (the CLI before or after a run, a Ray
+        worker) have no run to go to and are dropped quietly instead of warned about."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if FlowRunContext.get() is None and TaskRunContext.get() is None:
+                return
+            super().emit(record)
+
+    return InRunAPIHandler
 
 
 class _Lines(logging.Handler):

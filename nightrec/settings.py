@@ -202,7 +202,6 @@ def prefect_environment(settings: Settings) -> dict[str, str]:
         # Quiet the terminal by the console handler's level, not the loggers': INFO still reaches the Prefect API
         # (the UI's Logs tab); nightrec.logs shows our own lines on the terminal.
         "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
-        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         "MLFLOW_LOGGING_LEVEL": "WARNING",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",

@@ -37,17 +37,26 @@ RETRY = {
 }
 
 
-# The figures of each stage's end line (from what it logged as MLflow metrics), in this order where present.
+# The figures of each stage's end line (from what it logged as MLflow metrics), in this order where present; a name
+# ending in * stands for every metric it begins.
 KEY_FIGURES = {
     "ingest": ("events_valid", "events_quarantined", "items_valid", "items_quarantined", "users_valid"),
     "embed-items": ("items", "embedded", "reused"),
     "embed-users": ("users", "embedded", "pooled", "reused"),
-    "train": ("train_events", "items", "best_epoch"),
+    "train": ("train_events", "items", "best_epoch", "best_validation_ndcg"),
     "evaluate-and-gate": ("model_ndcg_at_10", "champion_ndcg_at_10", "popularity_ndcg_at_10"),
-    "compress-and-index": ("users", "served_bytes", "recall_at_k"),
+    "compress-and-index": ("users", "served_bytes_full", "served_bytes", "recall_at_*"),
     "publish": ("users", "rows", "users_without_reasons"),
 }
 STAGE_LOG = logs.logger("stages")
+
+
+def key_figures(stage: str, logged: dict) -> dict:
+    """The figures of ``stage``'s end line, from the metrics it logged (:data:`KEY_FIGURES`)."""
+    shown = {}
+    for name in KEY_FIGURES.get(stage, ()):
+        shown.update({k: v for k, v in logged.items() if k == name or (name.endswith("*") and k.startswith(name[:-1]))})
+    return shown
 
 
 class _Stage:
@@ -76,7 +85,7 @@ class _Stage:
             self.client.set_tag(self.run_id, "nightrec.error", redact(f"{exc_type.__name__}: {exc}")[:5000])
             STAGE_LOG.warning("%s: FAILED after %.1f s: %s", self.stage, seconds, redact(f"{exc_type.__name__}: {exc}"))
         else:
-            shown = {k: self.logged[k] for k in KEY_FIGURES.get(self.stage, ()) if k in self.logged}
+            shown = key_figures(self.stage, self.logged)
             STAGE_LOG.info("%s: done in %.1f s%s", self.stage, seconds, f" ({logs.figures(shown)})" if shown else "")
         tracking.finish_run(self.client, self.run_id, failed=exc_type is not None)
 
