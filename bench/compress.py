@@ -1,7 +1,7 @@
 """Compression table on MovieLens-100K: bytes of the served artifacts (user vectors + item index) and NDCG@10 for
 every configuration ``compress.compress_served`` measures, against the uncompressed float32 vectors (the peer).
 
-Protocol (DESIGN.md): per-user chronological split, each user's last 20 % of interactions are the test set, seen
+Protocol (docs/design.md): per-user chronological split, each user's last 20 % of interactions are the test set, seen
 (training) items removed, full ranking over all items. The model is ``train.fit_recommender`` on the training part
 with MiniLM item-text embeddings. The chosen configuration is then served for real (index built with its codec,
 top-10 through ``publish.top_k_unseen``) and its NDCG@10 measured again through that path.

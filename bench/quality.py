@@ -1,6 +1,6 @@
 """Recommendation quality on several catalogues: nightrec against popularity, item-kNN, EASE, implicit ALS, SASRec
-(full-softmax CE) and text-only, DESIGN.md protocol (every segment, peers tuned on validation in the same run, several
-seeds of the split, mean ± std).
+(full-softmax CE) and text-only, docs/design.md protocol (every segment, peers tuned on validation in the same run,
+several seeds of the split, mean ± std).
 
 Run: ``.venv/bin/python bench/quality.py --dataset movielens-100k|amazon2018-gift-cards|demo [--seeds 0 1 2]
 [--epochs N] [--stratified] [--ablations]``. Prints the table (mean ± std over seeds), the ratio table, then ONE JSON

@@ -199,7 +199,11 @@ def prefect_environment(settings: Settings) -> dict[str, str]:
         "PREFECT_HOME": str(settings.prefect_home_dir),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # Quiet the terminal by the console handler's level, not the loggers': INFO still reaches the Prefect API
+        # (the UI's Logs tab); nightrec.logs shows our own lines on the terminal.
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         # The temporary server of a night serves no UI, so no browser page has any business calling it; Prefect's

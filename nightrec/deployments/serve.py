@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,7 +33,6 @@ def deployments(settings: Settings) -> list:
         nightly.to_deployment(
             name="nightly",
             schedule=Cron(settings.nightly_cron, timezone=settings.timezone),
-            parameters={"trigger": "schedule"},
             concurrency_limit=1,
             description="Every stage for the scheduled date (taken from the run's scheduled start time).",
             tags=["nightrec"],
@@ -58,11 +58,38 @@ def wait_healthy(api_url: str, timeout: float = 120.0, process: subprocess.Popen
     raise TimeoutError(f"Prefect server at {api_url} not healthy after {timeout:.0f} s")
 
 
+def stop_process_group(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM to the process's whole group (a server and any worker it forked), SIGKILL after ``timeout``."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # what is left of the group (a worker that ignored SIGTERM)
+    process.wait()
+
+
 @contextlib.contextmanager
-def local_server(settings: Settings, port: int = DEFAULT_PORT) -> Iterator[str]:
-    """Start a Prefect server (:mod:`nightrec.deployments.server`: its own origin only, CSRF on) on
-    ``settings.serve_host`` (127.0.0.1) under this home's PREFECT_HOME; yield its API URL."""
-    host = settings.serve_host
+def terminated_as_interrupt() -> Iterator[None]:
+    """SIGTERM handled like Ctrl-C (KeyboardInterrupt) while inside, so both stop the same way."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def local_server(settings: Settings, port: int = DEFAULT_PORT, host: str | None = None) -> Iterator[str]:
+    """Start a Prefect server (:mod:`nightrec.deployments.server`: its own origin only, CSRF on) on ``host``
+    (default ``settings.serve_host``, 127.0.0.1) under this home's PREFECT_HOME, in its own process group; yield its
+    API URL; stop the whole group on exit."""
+    host = host or settings.serve_host
     api_url = f"http://{host}:{port}/api"
     env = {**os.environ, **server_environment(host, port, dict(os.environ))}
     env["PREFECT_HOME"] = str(settings.prefect_home_dir)
@@ -74,28 +101,45 @@ def local_server(settings: Settings, port: int = DEFAULT_PORT) -> Iterator[str]:
         wait_healthy(api_url, process=process)
         yield api_url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process_group(process)
         log.close()
 
 
-def serve_forever(settings: Settings, port: int = DEFAULT_PORT) -> None:
+def serve_forever(settings: Settings, port: int = DEFAULT_PORT, host: str | None = None) -> None:
+    """Serve the deployments until SIGINT or SIGTERM, then stop the runner, its flow runs and the server."""
     from contextlib import nullcontext
 
     settings.prefect_home_dir.mkdir(parents=True, exist_ok=True)
-    server = nullcontext(settings.prefect_api_url) if settings.prefect_api_url else local_server(settings, port)
-    with server as api_url:
-        os.environ["PREFECT_API_URL"] = api_url
-        if os.environ.get(AUTH_SETTING):  # our own runner must authenticate like any client
-            os.environ.setdefault("PREFECT_API_AUTH_STRING", os.environ[AUTH_SETTING])
-        from prefect import serve
-
-        ui = redact(api_url.removesuffix("/api"))
-        print(f"Prefect UI: {ui}  (nightly cron '{settings.nightly_cron}' {settings.timezone})")
+    with terminated_as_interrupt():
         try:
-            serve(*deployments(settings))
+            server = nullcontext(settings.prefect_api_url) if settings.prefect_api_url else None
+            with server or local_server(settings, port, host) as api_url:
+                _run_deployments(settings, api_url)
         except KeyboardInterrupt:
-            print("stopped")
+            pass
+    print("stopped")
+
+
+def _run_deployments(settings: Settings, api_url: str) -> None:
+    import asyncio
+
+    os.environ["PREFECT_API_URL"] = api_url
+    if os.environ.get(AUTH_SETTING):  # our own runner must authenticate like any client
+        os.environ.setdefault("PREFECT_API_AUTH_STRING", os.environ[AUTH_SETTING])
+    from prefect.runner import Runner
+
+    class InterruptibleRunner(Runner):
+        def handle_sigterm(self, *args, **kwargs) -> None:
+            # Prefect's own handler calls the async stop() from a signal handler without awaiting it ("coroutine
+            # 'Runner.astop' was never awaited") and the process went on for 30 s; stop the way Ctrl-C does.
+            raise KeyboardInterrupt
+
+    runner = InterruptibleRunner(pause_on_shutdown=True)
+    for deployment in deployments(settings):
+        runner.add_deployment(deployment)
+    ui = redact(api_url.removesuffix("/api"))
+    print(
+        f"Prefect UI: {ui}  (nightly cron '{settings.nightly_cron}' {settings.timezone}; Ctrl-C or SIGTERM stops)",
+        flush=True,
+    )
+    asyncio.run(runner.start())

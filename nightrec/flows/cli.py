@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import os
 import sys
@@ -93,17 +92,38 @@ def ingest(
     typer.echo(f"lake: {lake.root}")
 
 
+def _check_night_inputs(settings: Settings) -> None:
+    """Refuse in one line (exit 2) a night that could only fail: nothing to train on. Checked before the flow
+    starts, so a user mistake is not retried and shows no traceback."""
+    from nightrec.storage.lake import Lake
+
+    lake = Lake(settings.lake_root)
+    if not lake.items_file.exists() and not settings.items_source:
+        raise _fail(
+            f"refused: no item catalogue in the lake ({lake.items_file}): run `nightrec ingest --items FILE` "
+            "first, or set NIGHTREC_ITEMS_SOURCE",
+            REFUSED_EXIT,
+        )
+    if not lake.event_dates() and not settings.events_source:
+        raise _fail(
+            f"refused: no events in the lake ({lake.events_dir}): run `nightrec ingest --events FILE` first, "
+            "or set NIGHTREC_EVENTS_SOURCE",
+            REFUSED_EXIT,
+        )
+
+
 @app.command()
 def nightly(date: DateOption = None) -> None:
     """The whole DAG for one date (default: today in the configured time zone)."""
     settings = _settings()
+    _check_night_inputs(settings)
     from nightrec.flows.locks import RunInProgressError, start_temporary_prefect_server
 
     start_temporary_prefect_server(settings.home)
     from nightrec.flows.nightly import nightly as nightly_flow
 
     try:
-        summary = nightly_flow(run_date=date.date() if date else None, trigger="manual")
+        summary = nightly_flow(run_date=date.date() if date else None)
     except RunInProgressError as exc:
         raise _fail(f"refused: {exc}", RUN_IN_PROGRESS_EXIT) from exc
     _print_night(summary)
@@ -117,6 +137,9 @@ def backfill(
 ) -> None:
     """Nightly for each date, oldest first, skipping published dates unless --force; re-running resumes."""
     settings = _settings()
+    if end < start:
+        raise _fail(f"refused: --end {end.date()} is before --start {start.date()}", REFUSED_EXIT)
+    _check_night_inputs(settings)
     from nightrec.flows.locks import start_temporary_prefect_server
     from nightrec.flows.nightly import BackfillError
 
@@ -127,6 +150,8 @@ def backfill(
         result = backfill_flow(start=start.date(), end=end.date(), force=force)
     except BackfillError as exc:
         raise _fail(str(exc)) from exc
+    for line in result["nights"]:
+        typer.echo(line)
     typer.echo(f"ran {len(result['ran'])} date(s): {', '.join(result['ran']) or '-'}")
     typer.echo(f"skipped {len(result['skipped'])} already published: {', '.join(result['skipped']) or '-'}")
 
@@ -152,6 +177,8 @@ def recommend(
     titles = dict(lake.read_items().select("item_id", "title").iter_rows())
     first = frame.row(0, named=True)
     typer.echo(f"Recommendations for user {user} on {first['run_date']} (model version {first['model_version']}):")
+    if k > frame.height:
+        typer.echo(f"(asked for {k}: the published list has {frame.height} items, NIGHTREC_TOP_K at publish time)")
     for row in frame.head(k).iter_rows(named=True):
         title = titles.get(row["item_id"], row["item_id"])
         typer.echo(f"{row['rank']:>3}. {title}  [{row['item_id']}]  score {row['score']:.3f}")
@@ -181,7 +208,7 @@ def demo(
 
     start_temporary_prefect_server(settings.home)
 
-    summary = nightly_flow(run_date=spec.end + dt.timedelta(days=1), trigger="manual")
+    summary = nightly_flow(run_date=spec.end + dt.timedelta(days=1))
     _print_night(summary)
     from nightrec.storage import publication
     from nightrec.storage.lake import Lake
@@ -190,13 +217,37 @@ def demo(
     for user in sorted(set(table.column("user_id").to_pylist()))[:2]:
         typer.echo("")
         recommend(user=user, k=5, date=None)
-    typer.echo(f"\nNext: `nightrec recommend --user {user}`, `nightrec ui` (MLflow), README.md for the rest.")
+    me = _command_name()
+    typer.echo(f"\nNext: `{me} recommend --user {user}`, `{me} ui` (MLflow), README.md for the rest.")
+    if me != "nightrec":
+        typer.echo(f"(`nightrec` is not on PATH in this shell: `. {Path(me).parent}/activate` puts it there)")
+
+
+def _command_name() -> str:
+    """How to type this command again: ``nightrec`` when that is on PATH, else the script's path (``.venv/bin/``)."""
+    import shutil
+
+    script = Path(sys.executable).with_name("nightrec")
+    found = shutil.which("nightrec")
+    if found and Path(found).resolve() == script.resolve():
+        return "nightrec"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def _print_night(summary: dict) -> None:
     settings = Settings()
     gate, published = summary["gate"], summary["publish"]
     typer.echo(f"nightly {summary['run_date']}: {published.get('users')} users, {published.get('rows')} rows published")
+    ingest = summary.get("ingest")
+    if ingest:
+        quarantined = {k.removesuffix("_quarantined"): int(v) for k, v in ingest.items() if k.endswith("_quarantined")}
+        where = Path(settings.lake_root) / "quarantine"
+        landed = ", ".join(f"{kind} {int(ingest.get(kind + '_valid', 0))}" for kind in quarantined)
+        held = ", ".join(f"{kind} {count}" for kind, count in quarantined.items())
+        typer.echo(f"  ingest: landed {landed}; quarantined {held} row(s), with their reasons, in {where}")
     for name, metrics in gate["holdout"].items():
         typer.echo(f"  holdout {name:<11} NDCG@10 {metrics['ndcg_at_10']:.4f}  Recall@20 {metrics['recall_at_20']:.4f}")
     typer.echo(f"  model version {gate['model_version']} ({gate['published_model']}): {gate['reason']}")
@@ -220,7 +271,7 @@ def evaluate(
         Path, typer.Option(envvar="NIGHTREC_DATASETS", help="Where dataset names are looked up.")
     ] = Path("../shared/datasets"),
 ) -> None:
-    """Offline evaluation (DESIGN.md protocol) of nightrec against the peers, one MLflow run per catalogue."""
+    """Offline evaluation (docs/design.md protocol) of nightrec against the peers, one MLflow run per catalogue."""
     from nightrec.flows.offline import run_offline_evaluation
 
     sources: list[Path | str] = []
@@ -248,21 +299,33 @@ def evaluate(
 
 
 @app.command()
-def serve() -> None:
-    """A local Prefect server (127.0.0.1) and the nightly + backfill deployments, in the foreground (Ctrl-C stops)."""
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address of the Prefect server (default NIGHTREC_SERVE_HOST, 127.0.0.1).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Port of the Prefect server and its UI.")] = 4200,
+) -> None:
+    """A local Prefect server and the nightly + backfill deployments, in the foreground; Ctrl-C or SIGTERM stops
+    all of it. With NIGHTREC_PREFECT_API_URL set, serves the deployments to that server instead (README: the work
+    pool path, `prefect deploy` + `prefect worker start`, is the other way)."""
     settings = _settings()
     from nightrec.deployments.serve import serve_forever
 
-    serve_forever(settings)
+    try:
+        serve_forever(settings, port=port, host=host)
+    except ValueError as exc:  # a non-loopback host without authentication
+        raise _fail(f"refused: {exc}", REFUSED_EXIT) from exc
 
 
 @app.command()
 def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> None:
-    """The MLflow UI for this home's runs on 127.0.0.1 (one worker; Ctrl-C stops). Only its own address is
-    accepted as Host and as a state-changing request's Origin (DNS rebinding, cross-site requests)."""
+    """The MLflow UI for this home's runs on 127.0.0.1 (one worker; Ctrl-C or SIGTERM stops it and its workers).
+    Only its own address is accepted as Host and as a state-changing request's Origin (DNS rebinding, cross-site
+    requests)."""
     import subprocess
 
     from nightrec.deployments.guard import own_addresses
+    from nightrec.deployments.serve import stop_process_group, terminated_as_interrupt
 
     settings = _settings()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -273,8 +336,16 @@ def ui(port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000) -> 
         "--allowed-hosts", ",".join(sorted(hosts)), "--cors-allowed-origins", ",".join(sorted(origins)),
     ]  # fmt: skip
     typer.echo(f"MLflow UI: http://127.0.0.1:{port}  (experiment '{settings.mlflow_experiment}')")
-    with contextlib.suppress(KeyboardInterrupt):
-        subprocess.run(command, env=env, check=False)
+    # Its own process group: a signal to us stops the server and every worker it forked, none is left listening.
+    with terminated_as_interrupt():
+        server = subprocess.Popen(command, env=env, start_new_session=True)
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            stop_process_group(server)
+    typer.echo("stopped")
 
 
 def main() -> None:

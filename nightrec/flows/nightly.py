@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import shutil
+import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from nightrec import logs
 from nightrec.flows import plots, recovery, scaleout, stages
 from nightrec.flows.locks import date_lock, open_tracking
 from nightrec.redaction import redact
@@ -25,6 +27,9 @@ from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import Lake
 from nightrec.tasks.catalogue import MISSING_METRICS
 from nightrec.tasks.pyfunc_model import recommender_dir
+
+NIGHT_LOG = logs.logger("night")
+logs.configure()  # wherever the flow runs (CLI, worker, serve, tests): INFO to the API, a readable terminal
 
 KEEP_WORK_FOLDERS = 3  # nights whose work folders (model, vectors, index) stay on disk for inspection
 
@@ -43,8 +48,30 @@ def resolve_run_date(run_date: dt.date | None, timezone: str) -> dt.date:
 
 
 def _nightly_run_name() -> str:
+    """``nightly-YYYY-MM-DD``: the date given, else the one the run resolves (scheduled start in the zone)."""
     date = flow_run.parameters.get("run_date")
-    return f"nightly-{date}" if date else "nightly-scheduled"
+    if not date:
+        date = resolve_run_date(None, Settings().timezone).isoformat()
+    return f"nightly-{date}"
+
+
+def run_trigger() -> str:
+    """What started this run, from the run itself: ``backfill`` (a subflow of the backfill flow), ``schedule``
+    (created by the scheduler of a deployment) or ``manual`` (the CLI, a call, a "Run" in the UI, `prefect
+    deployment run`)."""
+    if not flow_run.id:
+        return "manual"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        parent = flow_run.parent_flow_run_id
+        if parent:
+            parent_run = client.read_flow_run(parent)
+            if client.read_flow(parent_run.flow_id).name == "backfill":
+                return "backfill"
+        if client.read_flow_run(flow_run.id).auto_scheduled:
+            return "schedule"
+    return "manual"
 
 
 # Prefect writes a failed flow's exception to the result storage whatever persist_result says; as JSON, not a
@@ -53,13 +80,32 @@ NO_RESULTS = {"persist_result": False, "result_serializer": "json"}
 
 
 @flow(name="nightly", flow_run_name=_nightly_run_name, log_prints=True, **NO_RESULTS)
-def nightly(run_date: dt.date | None = None, trigger: str = "manual") -> dict:
+def nightly(run_date: dt.date | None = None) -> dict:
     """Ingest, embed, train, evaluate and gate, compress and index, publish: the lists for ``run_date``."""
     settings = Settings()
     day = resolve_run_date(run_date, settings.timezone)
     settings.home.mkdir(parents=True, exist_ok=True)
+    trigger = run_trigger()
+    started = time.perf_counter()
+    NIGHT_LOG.info("night %s (%s): started", day, trigger)
     with date_lock(settings.home, day), scaleout.shard_plan(settings) as plan, contextlib.ExitStack() as held:
-        return _run_night(settings, day, trigger, plan, held)
+        summary = _run_night(settings, day, trigger, plan, held)
+    NIGHT_LOG.info("night %s: done in %.0f s. %s", day, time.perf_counter() - started, night_line(summary))
+    return summary
+
+
+def night_line(summary: dict) -> str:
+    """One line on a finished night: what was published, the quarantine, the gate."""
+    published, gate = summary["publish"], summary["gate"]
+    ingest = summary.get("ingest") or {}
+    quarantined = sum(v for k, v in ingest.items() if k.endswith("_quarantined"))
+    landed = (
+        f"ingested {ingest.get('events_valid', 0):.0f} events, {quarantined:.0f} rows quarantined; " if ingest else ""
+    )
+    return (
+        f"{landed}{published.get('users', 0):.0f} users, {published.get('rows', 0):.0f} rows published; "
+        f"model version {gate['model_version']} ({gate['published_model']})"
+    )
 
 
 def _run_night(
@@ -86,6 +132,8 @@ def _run_night(
     night_dir = settings.home / "runs" / day.isoformat()
     workdir = night_dir / parent
     workdir.mkdir(parents=True, exist_ok=True)
+    log = contextlib.ExitStack()
+    lines = log.enter_context(logs.captured())  # the night's log lines, also as an MLflow artifact of the night
     try:
         summary: dict = {"run_date": day.isoformat(), "mlflow_run_id": parent, "trigger": trigger}
         failpoint("before:ingest")
@@ -94,30 +142,61 @@ def _run_night(
         if held is not None:
             held.enter_context(locking.night_reads(locking.reads_lock_file(Lake(settings.lake_root)), day))
         failpoint("after:ingest")
-        summary["embed_items"] = scaleout.embed_items(plan, parent, str(workdir))
+        # Each stage waits for the one before (wait_for: Prefect's run graph draws the chain; the stages hand over
+        # files, not Python values).
+        summary["embed_items"] = scaleout.embed_items(plan, parent, str(workdir), wait_for=_upstream(summary))
         failpoint("after:embed-items")
-        summary["embed_users"] = scaleout.embed_users(plan, day, parent, str(workdir))
+        summary["embed_users"] = scaleout.embed_users(plan, day, parent, str(workdir), wait_for=_upstream(summary))
         failpoint("after:embed-users")
         champion = registry.champion(client, settings.registered_model)
         train_args = (day, parent, str(night_dir / "models"), str(recommender_dir(champion.path)) if champion else None)
-        summary["train"] = stages.train_model(*train_args)  # content-keyed: a re-run of the night skips training
+        # content-keyed: a re-run of the night skips training
+        summary["train"] = stages.train_model(*train_args, wait_for=_upstream(summary))
         # On the parent at once (a cached train logs nothing), so a night that fails later still shows them.
         tracking.log_metrics(client, parent, {k: summary["train"].get(k, 0) for k in MISSING_METRICS})
         failpoint("after:train")
-        summary["gate"] = stages.evaluate_and_gate(day, parent, str(workdir), summary["train"]["model_dir"])
+        summary["gate"] = stages.evaluate_and_gate(
+            day, parent, str(workdir), summary["train"]["model_dir"], wait_for=_upstream(summary)
+        )
         failpoint("after:evaluate-and-gate")
-        summary["index"] = stages.compress_and_index(day, parent, str(workdir))
+        summary["index"] = stages.compress_and_index(day, parent, str(workdir), wait_for=_upstream(summary))
         failpoint("after:compress-and-index")
-        summary["publish"] = scaleout.publish_lists(plan, day, parent, str(workdir))
+        summary["publish"] = scaleout.publish_lists(plan, day, parent, str(workdir), wait_for=_upstream(summary))
         failpoint("after:publish")
         _report(settings, client, exp, parent, summary)
     except BaseException as exc:
         client.set_tag(parent, "nightrec.error", redact(f"{type(exc).__name__}: {exc}")[:5000])
+        _log_lines(client, parent, log, lines)
         tracking.finish_run(client, parent, failed=True)
         raise
+    _log_lines(client, parent, log, lines)
     tracking.finish_run(client, parent)
     _prune_work_folders(settings.home / "runs")
     return summary
+
+
+def _log_lines(client, parent: str, capture: contextlib.ExitStack, lines: list[str]) -> None:
+    """Stop capturing and store the night's lines on its MLflow parent run (``logs/night.log``)."""
+    capture.close()
+    with contextlib.suppress(Exception):  # the log is a convenience: never the reason a night fails
+        client.log_text(parent, redact("\n".join(lines)) + "\n", "logs/night.log")
+
+
+def _upstream(summary: dict) -> list:
+    """The last stage's task-run state (of the summary's newest entry), as ``wait_for`` of the next stage.
+
+    The state, not the result: Prefect links a result's values too (strings, floats), so a result dict in wait_for
+    can also point at unrelated stages whose values share an ``id``."""
+    from prefect.utilities.annotations import quote
+    from prefect.utilities.engine import get_state_for_result
+
+    last = list(summary.values())[-1]
+    if not isinstance(last, dict):  # no stage ran yet (the summary's run date, run id, trigger)
+        return []
+    found = get_state_for_result(last)
+    # Prefect keeps the state without its data; waiting on it reads the data, so it is put back, quoted: Prefect
+    # does not look inside a quote for more upstream runs.
+    return [found[0].model_copy(update={"data": quote(last)})] if found is not None else []
 
 
 def night_tracking(settings: Settings) -> tuple:
@@ -139,13 +218,7 @@ def _report(settings: Settings, client, exp: str, parent: str, summary: dict) ->
     if sample:
         client.log_table(parent, data=sample, artifact_file="sample_lists.json")
     create_markdown_artifact(key="nightly-summary", markdown=_markdown(summary, settings, exp), description="nightrec")
-    get_run_logger().info(
-        "nightly %s: published %s users with model version %s (%s)",
-        summary["run_date"],
-        summary["publish"].get("users"),
-        gate["model_version"],
-        gate["reason"],
-    )
+    NIGHT_LOG.info("night %s: gate: %s", summary["run_date"], gate["reason"])
 
 
 def _log_history_plot(client, exp: str, parent: str) -> None:
@@ -236,19 +309,23 @@ def backfill(start: dt.date, end: dt.date, force: bool = False) -> dict:
         raise ValueError(f"backfill: end {end} is before start {start}")
     settings = Settings()
     published = finished_dates(settings)
-    done, skipped = [], []
+    done, skipped, nights = [], [], []
     day = start
     while day <= end:
         if day in published and not force:
             skipped.append(day.isoformat())
+            nights.append(f"{day}: skipped, already published")
         else:
             try:
-                nightly(run_date=day, trigger="backfill")
+                summary = nightly(run_date=day)
             except Exception as exc:
                 raise BackfillError(
                     f"backfill stopped at {day}: {type(exc).__name__}: {exc}. Finished: {done or 'none'}. "
                     f"Fix the cause and run the same backfill again; it resumes from {day}."
                 ) from exc
             done.append(day.isoformat())
+            nights.append(f"{day}: {night_line(summary)}")
+        # The API's copy; `nightrec backfill` prints these lines once at the end (each night logs its own end line).
+        NIGHT_LOG.info("backfill %s", nights[-1], extra={"terminal": False})
         day += dt.timedelta(days=1)
-    return {"ran": done, "skipped": skipped}
+    return {"ran": done, "skipped": skipped, "nights": nights}

@@ -1,5 +1,5 @@
-"""`nightrec evaluate`: the DESIGN.md protocol on each catalogue given, nightrec against the peers over several seeds,
-one MLflow run per catalogue with its table, its ratio summary and its plots."""
+"""`nightrec evaluate`: the docs/design.md protocol on each catalogue given, nightrec against the peers over several
+seeds, one MLflow run per catalogue with its table, its ratio summary and its plots."""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ With ``task_runner=ray`` the shard tasks are submitted to a Ray cluster through 
 local Ray instance by default, else ``ray_address``) and run in parallel; with ``local`` they run one after another
 in the flow's process, and with one shard the stages are the plain tasks of :mod:`nightrec.flows.stages`.
 
+``wait_for`` is the upstream stage's result, passed on to the plain task so Prefect's run graph draws the edge.
+
 Each stage keeps one MLflow child run, opened and closed by the flow's process, and ends in one combining step there:
 the item cache is compacted once, the user snapshot is swapped in once, and the lists go out as ONE atomic
 publication streamed from the shards' files. Shards write only their own files and never talk to MLflow, so a shard
@@ -174,10 +176,10 @@ def list_part(workdir: str | Path, shard: int, shards: int) -> Path:
 
 
 # --- the stages, sharded --------------------------------------------------------------------------------------------
-def embed_items(plan: ShardPlan | None, parent_run_id: str, workdir: str) -> dict:
+def embed_items(plan: ShardPlan | None, parent_run_id: str, workdir: str, wait_for: list | None = None) -> dict:
     """Item vectors: the items to embed listed once, one task per share of their chunks, one cache compaction."""
     if plan is None or not plan.sharded:
-        return stages.embed_items(parent_run_id)
+        return stages.embed_items(parent_run_id, wait_for=wait_for)
     from nightrec.storage import atomic
     from nightrec.tasks import embed
 
@@ -199,10 +201,12 @@ def embed_items(plan: ShardPlan | None, parent_run_id: str, workdir: str) -> dic
         return {**stats, "shards": plan.shards, "workers": _workers(parts)}
 
 
-def embed_users(plan: ShardPlan | None, run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
+def embed_users(
+    plan: ShardPlan | None, run_date: dt.date, parent_run_id: str, workdir: str, wait_for: list | None = None
+) -> dict:
     """User vectors: one task per user range into the work folder, then one swap of the day's snapshot."""
     if plan is None or not plan.sharded:
-        return stages.embed_users(run_date, parent_run_id)
+        return stages.embed_users(run_date, parent_run_id, wait_for=wait_for)
     from nightrec.tasks import embed
 
     with stages._Stage(parent_run_id, "embed-users") as st:
@@ -217,10 +221,12 @@ def embed_users(plan: ShardPlan | None, run_date: dt.date, parent_run_id: str, w
         return {**stats, "shards": plan.shards, "workers": _workers(parts)}
 
 
-def publish_lists(plan: ShardPlan | None, run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
+def publish_lists(
+    plan: ShardPlan | None, run_date: dt.date, parent_run_id: str, workdir: str, wait_for: list | None = None
+) -> dict:
     """Lists: one task per user range into the work folder, then ONE atomic publication streamed from the parts."""
     if plan is None or not plan.sharded:
-        return stages.publish_lists(run_date, parent_run_id, workdir)
+        return stages.publish_lists(run_date, parent_run_id, workdir, wait_for=wait_for)
     from nightrec.storage.vectors import load_served_vectors
     from nightrec.tasks import publish
 

@@ -17,19 +17,50 @@ import polars as pl
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from nightrec import logs
+from nightrec.flows.retries import SourceNotYetThereError, retry_transient
 from nightrec.redaction import redact
 from nightrec.settings import Settings
 from nightrec.storage import atomic, tracking
 from nightrec.storage.lake import Lake
 
-# Stages touching the outside world (files, the MLflow server) retry with backoff; the lake writes are idempotent.
-# No stage persists a Prefect result: a result record names its own serializer (cloudpickle by default), so a file
-# planted in the result storage would run code when read back (issue 14).
-RETRY = {"retries": 2, "retry_delay_seconds": [2, 10], "cache_policy": NO_CACHE, "persist_result": False}
+# Stages retry transient failures only (a late source file, a locked database: nightrec.flows.retries) with backoff;
+# the lake writes are idempotent. No stage persists a Prefect result: a result record names its own serializer
+# (cloudpickle by default), so a file planted in the result storage would run code when read back (issue 14).
+RETRY = {
+    "retries": 2,
+    "retry_delay_seconds": [2, 10],
+    "retry_condition_fn": retry_transient,
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+}
+
+
+# The figures of each stage's end line (from what it logged as MLflow metrics), in this order where present; a name
+# ending in * stands for every metric it begins.
+KEY_FIGURES = {
+    "ingest": ("events_valid", "events_quarantined", "items_valid", "items_quarantined", "users_valid"),
+    "embed-items": ("items", "embedded", "reused"),
+    "embed-users": ("users", "embedded", "pooled", "reused"),
+    "train": ("train_events", "items", "best_epoch", "best_validation_ndcg"),
+    "evaluate-and-gate": ("model_ndcg_at_10", "champion_ndcg_at_10", "popularity_ndcg_at_10"),
+    "compress-and-index": ("users", "served_bytes_full", "served_bytes", "recall_at_*"),
+    "publish": ("users", "rows", "users_without_reasons"),
+}
+STAGE_LOG = logs.logger("stages")
+
+
+def key_figures(stage: str, logged: dict) -> dict:
+    """The figures of ``stage``'s end line, from the metrics it logged (:data:`KEY_FIGURES`)."""
+    shown = {}
+    for name in KEY_FIGURES.get(stage, ()):
+        shown.update({k: v for k, v in logged.items() if k == name or (name.endswith("*") and k.startswith(name[:-1]))})
+    return shown
 
 
 class _Stage:
-    """Opens a child MLflow run of the night's parent run and closes it FINISHED or FAILED."""
+    """Opens a child MLflow run of the night's parent run and closes it FINISHED or FAILED; logs one line as the
+    stage starts and one as it ends (duration and its key figures)."""
 
     def __init__(self, parent_run_id: str, stage: str) -> None:
         self.settings = Settings()
@@ -38,19 +69,29 @@ class _Stage:
         exp = self.client.get_run(parent_run_id).info.experiment_id
         self.parent_run_id = parent_run_id
         self.run_id = tracking.start_run(self.client, exp, stage, {"nightrec.stage": stage}, parent=parent_run_id)
+        self.stage = stage
+        self.logged: dict = {}
         self.started = time.perf_counter()
+        STAGE_LOG.info("%s: started", stage)
 
     def __enter__(self) -> _Stage:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        tracking.log_metrics(self.client, self.run_id, {"stage_seconds": time.perf_counter() - self.started})
+        seconds = time.perf_counter() - self.started
+        tracking.log_metrics(self.client, self.run_id, {"stage_seconds": seconds})
         if exc is not None:
             self.client.set_tag(self.run_id, "nightrec.error", redact(f"{exc_type.__name__}: {exc}")[:5000])
+            STAGE_LOG.warning("%s: FAILED after %.1f s: %s", self.stage, seconds, redact(f"{exc_type.__name__}: {exc}"))
+        else:
+            shown = key_figures(self.stage, self.logged)
+            STAGE_LOG.info("%s: done in %.1f s%s", self.stage, seconds, f" ({logs.figures(shown)})" if shown else "")
         tracking.finish_run(self.client, self.run_id, failed=exc_type is not None)
 
     def metrics(self, values: dict, prefix: str = "") -> None:
-        tracking.log_metrics(self.client, self.run_id, {f"{prefix}{k}": v for k, v in values.items()})
+        named = {f"{prefix}{k}": v for k, v in values.items()}
+        self.logged.update(named)
+        tracking.log_metrics(self.client, self.run_id, named)
 
 
 # --- the night's data, shared by several stages -------------------------------------------------------------------
@@ -111,7 +152,7 @@ def _files(pattern: str | None) -> list[Path]:
         return []
     matches = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).exists() else [])
     if not matches:
-        raise FileNotFoundError(f"source {pattern!r} matches no file")
+        raise SourceNotYetThereError(f"source {pattern!r} matches no file")
     return [Path(m) for m in matches]
 
 
@@ -245,7 +286,14 @@ def read_train_record(models_root: Path, key: str) -> dict | None:
     return record
 
 
-@task(name="train", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE, persist_result=False)
+@task(
+    name="train",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_transient,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champion_dir: str | None) -> dict:
     """Meta-train on events before the holdout cut, warm-started from the champion when there is one.
 
@@ -258,6 +306,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
     key = train_inputs_key(run_date, champion_dir)  # once: it reads every events manifest
     cached = read_train_record(Path(models_root), key)
     if cached is not None:
+        STAGE_LOG.info("train: skipped, a model trained on the same inputs exists (%s)", cached["model_dir"])
         return cached
     with _Stage(parent_run_id, "train") as st:
         events = night_events(st.lake, run_date)
@@ -286,7 +335,13 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
         tracking.log_split(st.client, (st.run_id,), train_events, holdout, str(st.lake.events_dir))
         # No profile vectors: today's profiles include the holdout days, which would leak into the evaluation.
         live = functools.partial(tracking.log_training_epoch, st.client, st.run_id)  # each epoch as it ends
-        recommender = train.fit_recommender(train_events, item_ids, text, None, config, init_from, progress=live)
+        progress = logs.TrainingProgress(then=live)  # the terminal bar / log lines, then MLflow
+        try:
+            recommender = train.fit_recommender(
+                train_events, item_ids, text, None, config, init_from=init_from, progress=progress
+            )
+        finally:
+            progress.finish()
         model_dir = recommender.save(Path(models_root) / key)
         losses = recommender.meta.get("losses") or []
         if losses:
@@ -465,7 +520,10 @@ def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> d
             holdout_users = compress.sample_users(holdout, st.settings.compression_max_users, st.settings.seed)
             probe = recommender.served_vectors(train_events, holdout_users)
             quality = served_ndcg(train_events, holdout, k=10)
-            result = compress.compress_served(probe, quality, st.settings.champion_tolerance, st.settings.seed)
+            with logs.Progress("compression search", unit="config") as progress:
+                result = compress.compress_served(
+                    probe, quality, st.settings.champion_tolerance, st.settings.seed, progress=progress
+                )
             chosen, codec = result.apply(full), result.codec
             tracking.log_dict(st.client, st.run_id, result.table, "compression_table.json")
             tracking.log_figure(st.client, st.run_id, result.figure(), "plots/compression_tradeoff.png")
@@ -498,8 +556,9 @@ def publish_lists(run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
     with _Stage(parent_run_id, "publish") as st:
         vectors = load_served_vectors(Path(workdir) / "vectors")
         history = night_events(st.lake, run_date)
-        batches = night_lists(st.settings, st.lake, run_date, Path(workdir), vectors, history)
-        return publish_checked(st, run_date, Path(workdir), batches, history, vectors.user_ids, vectors.item_ids)
+        with logs.Progress("publish", len(vectors.user_ids), unit="user") as progress:
+            batches = night_lists(st.settings, st.lake, run_date, Path(workdir), vectors, history, progress=progress)
+            return publish_checked(st, run_date, Path(workdir), batches, history, vectors.user_ids, vectors.item_ids)
 
 
 def night_lists(
@@ -511,6 +570,7 @@ def night_lists(
     history: pl.DataFrame,
     shard: int = 0,
     shards: int = 1,
+    progress=None,
 ):
     """Record batches of the night's lists for the users of range ``shard`` of ``shards``."""
     from nightrec.tasks import catalogue, publish
@@ -531,6 +591,7 @@ def night_lists(
         exclude_items=exclude,
         shard=shard,
         shards=shards,
+        progress=progress,
     )
 
 

@@ -261,12 +261,14 @@ def compress_served(
     dims: tuple[int, ...] = DIMS,
     distill_steps: int = 200,
     max_dims_combined: int = 3,
+    progress=None,
 ) -> CompressionResult:
     """Measure every configuration with ``quality`` and choose the smallest within ``tolerance`` relative loss.
 
     Dimension first (float32 users, float32 items: SVD and distilled projections for each r below the full
     dimension), then, for the full dimension and the ``max_dims_combined`` smallest dimensions that pass, every
     combination of int8 users and item codec. Returns the measured table (one row per configuration).
+    ``progress`` (a :class:`nightrec.logs.Progress`) is updated after each measured configuration.
     """
     rng = np.random.default_rng(seed)
     n_users, full_dim = vectors.user_matrix.shape
@@ -297,6 +299,8 @@ def compress_served(
         }
         row["bytes"] = row["user_bytes"] + row["index_bytes"]
         table.append(row)
+        if progress is not None:
+            progress.update(1, ndcg_at_10=row["ndcg_at_10"])
         return row
 
     base = measure(Config(None, "none", "float32", "Flat"), None)

@@ -14,7 +14,6 @@ import contextlib
 import datetime as dt
 import os
 import re
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from nightrec.logs import Progress
 from nightrec.settings import Settings
 from nightrec.shards import shard_bounds
 from nightrec.storage import atomic
@@ -244,8 +244,22 @@ def load_encoder(
 
 # --- encoding ---------------------------------------------------------------------------------------------------
 def _progress_enabled() -> bool:
-    flag = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes")
-    return not flag and sys.stderr.isatty()
+    from nightrec.logs import on_terminal
+
+    return on_terminal()
+
+
+class _Borrowed:
+    """A caller's progress, updated by one ``encode`` call and left open for the next."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+
+    def update(self, n: int) -> None:
+        self.progress.update(n)
+
+    def close(self) -> None:
+        pass
 
 
 @contextlib.contextmanager
@@ -281,7 +295,7 @@ class TextEncoder:
         encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
         return encoded["input_ids"]
 
-    def encode(self, texts: list[str], batch_size: int = 64, progress: bool | None = None) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = 64, progress=None) -> np.ndarray:
         """L2-normalised float32 embeddings, one row per text, in input order."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
@@ -312,12 +326,16 @@ class TextEncoder:
                 bar.close()
         return out
 
-    def _bar(self, total: int, progress: bool | None):
+    def _bar(self, total: int, progress):
+        """``progress``: a caller's :class:`nightrec.logs.Progress` (updated, not closed, here), True/False for a
+        bar of this call alone, None for one on a terminal only."""
+        if progress is not None and not isinstance(progress, bool):
+            return _Borrowed(progress)
         if not (progress if progress is not None else _progress_enabled()):
             return None
-        from tqdm.auto import tqdm
+        from nightrec.logs import Progress
 
-        return tqdm(total=total, desc="embedding", unit="text", leave=False)
+        return Progress("embedding", total, unit="text")
 
     @torch.inference_mode()
     def _forward(self, batch_ids: list[list[int]]) -> np.ndarray:
@@ -490,16 +508,19 @@ def embed_item_chunks(
     if todo.height:
         encoder = settings_encoder(settings)
         store.write_manifest(folder, encoder.key, encoder.dim)
+        progress = Progress("embed items", len(rows), unit="item")
         for first in range(0, len(rows), chunk):
             part = rows[first : first + chunk]
             t0 = time.perf_counter()
-            vectors = encoder.encode([texts[i] for i in part], batch_size=settings.embedding_batch_size)
+            texts_part = [texts[i] for i in part]
+            vectors = encoder.encode(texts_part, batch_size=settings.embedding_batch_size, progress=progress)
             embed_seconds += time.perf_counter() - t0
             chunk_keys = keys[part.tolist()]
             table = store.vectors_table(
                 "item_id", encoder.key, chunk_keys["item_id"].to_list(), chunk_keys["text_hash"].to_list(), vectors
             )
             store.write_part(folder, table)  # written as we go: a crash keeps the finished chunks
+        progress.close()
     return {"embedded": float(todo.height), "embed_seconds": embed_seconds}
 
 
@@ -713,14 +734,17 @@ def embed_user_range(
     if todo.height:
         encoder = settings_encoder(settings)
         rows = todo["_row"].to_numpy()
+        progress = Progress("embed users", len(rows), unit="user")
         for first_row in range(0, len(rows), settings.embedding_chunk_size):
             part = rows[first_row : first_row + settings.embedding_chunk_size]
-            vectors = encoder.encode([texts[i] for i in part], batch_size=settings.embedding_batch_size)
+            texts_part = [texts[i] for i in part]
+            vectors = encoder.encode(texts_part, batch_size=settings.embedding_batch_size, progress=progress)
             chunk_keys = keys[part.tolist()]
             table = store.vectors_table(
                 "user_id", key, chunk_keys["user_id"].to_list(), chunk_keys["text_hash"].to_list(), vectors
             )
             store.write_part(dest, table)
+        progress.close()
     return {
         "users": float(reuse.height + pooled.height + todo.height),
         "embedded": float(todo.height),

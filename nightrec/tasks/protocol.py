@@ -1,4 +1,4 @@
-"""The offline evaluation protocol (DESIGN.md, docs/quality.md): seeded splits, every segment a night serves, the
+"""The offline evaluation protocol (docs/design.md, docs/quality.md): seeded splits, every segment a night serves, the
 peers tuned on validation in the same run, and several seeds reported as mean ± standard deviation.
 
 Segments of the chronological split (per seed):
@@ -36,7 +36,7 @@ COLD_QUERY = 50
 REASON_USERS = 500  # warm users whose lists the deletion test re-scores (2 x 10 variants each)
 COLD_ITEM_SHARE = 0.1
 PEERS = ("popularity", "itemknn", "ease", "als", "sasrec", "text")
-# The figures a claim is made on (DESIGN.md "Metrics"), in the order the summary reports them.
+# The figures a claim is made on (docs/design.md "Evaluation protocol"), in the order the summary reports them.
 HEADLINE = (
     "warm_ndcg_at_10",
     "warm_recall_at_20",
@@ -302,7 +302,7 @@ def run_protocol(
     peers: Sequence[str] = PEERS,
     cold_item_share: float = COLD_ITEM_SHARE,
 ) -> ProtocolResult:
-    """The DESIGN.md protocol on ``dataset`` (events, items) for one seed: nightrec and the peers, same splits."""
+    """The docs/design.md protocol on ``dataset`` (events, items) for one seed: nightrec and the peers, same splits."""
     log = progress or (lambda _msg: None)
     config = config or TrainConfig(seed=seed)
     # Items the logs name but the catalogue lacks are trained and ranked by id, as a night does (tasks/catalogue.py).

@@ -77,6 +77,7 @@ def build_lists(
     reason_history: int = 256,
     shard: int = 0,
     shards: int = 1,
+    progress=None,
 ) -> Iterator[pa.RecordBatch]:
     """Record batches in the RECOMMENDATIONS schema: for every user of ``vectors``, up to k items, rank 1 first.
 
@@ -125,6 +126,8 @@ def build_lists(
             run_date,
             version,
         )
+        if progress is not None:  # a nightrec.logs.Progress counting users
+            progress.update(stop - start)
 
 
 def write_list_part(batches: Iterable[pa.RecordBatch], path: Path) -> int:

@@ -30,6 +30,8 @@ def test_three_day_backfill_then_skip_then_force_one_date(prefect_server, tmp_pa
     demo_home(tmp_path, monkeypatch)
     first = backfill()
     assert first.exit_code == 0, first.output
+    for day in DATES:  # one summary line per night
+        assert any(line.startswith(f"{day}: ") and "rows published" in line for line in first.output.splitlines())
     settings = Settings()
     lake = Lake(settings.lake_root)
     assert lake.published_dates() == DATES

@@ -56,3 +56,17 @@ def test_a_header_only_events_file_is_refused_in_one_line(home, tmp_path):
         f"refused: {header_only}: no rows (a header only, or an empty file); nothing was written"
     ]
     assert not (home / "lake" / "events").exists()
+
+
+def test_a_night_without_a_catalogue_is_refused_before_it_starts(home):
+    result = CliRunner().invoke(app, ["nightly", "--date", "2026-04-01"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refused: no item catalogue in the lake"), result.output
+    assert not (home / "prefect").exists()  # no flow (nor its temporary server) was started
+
+
+def test_a_backfill_ending_before_it_starts_is_refused_in_one_line(home):
+    result = CliRunner().invoke(app, ["backfill", "--start", "2026-04-03", "--end", "2026-04-01"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["refused: --end 2026-04-01 is before --start 2026-04-03"]
