@@ -1,4 +1,4 @@
-"""The meta-learned recommender (DESIGN.md "The recommender"); its training loop is :mod:`nightrec.tasks.train`.
+"""The meta-learned recommender (docs/design.md "The recommender"); its training loop is :mod:`nightrec.tasks.train`.
 
 Items: ``v_i = adaptor(text_i) + id_i`` (ID embedding only for items seen in training) and a bias
 ``b_i = w . text_i + id_bias_i``; a new item with text but no history gets the text part of both.
