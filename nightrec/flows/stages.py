@@ -188,8 +188,7 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
         if day < run_date:
             digest.update(day.isoformat().encode())
             digest.update(lake.events_partition_sha256(day).encode())
-    if lake.items_file.exists():
-        digest.update(hashlib.sha256(lake.items_file.read_bytes()).digest())
+    digest.update(lake.catalogue_digest().encode())
     # The code version: the training loop, the model it trains and saves, the holdout rule that decides what trains
     # and the rule that decides which items it trains over.
     model_root = Path(model_package.__file__).parent
@@ -588,7 +587,8 @@ def publish_checked(
                 result.unexplained_examples,
             )
 
-    stats = {**publication.publish(st.lake, run_date, batches, pointer, check=check), **counted}
+    keep = st.settings.lake_retention_nights
+    stats = {**publication.publish(st.lake, run_date, batches, pointer, check=check, keep_nights=keep), **counted}
     st.metrics(stats)
     return stats
 
