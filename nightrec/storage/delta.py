@@ -319,7 +319,8 @@ def table_arrow(table: DeltaTable, filters=None, columns=None) -> pa.Table:
 
 def vacuum(table: DeltaTable, keep_hours: int) -> list[str]:
     """Delete data files no version of the last ``keep_hours`` needs (and orphans of killed writers as old);
-    returns what was deleted. Old log entries expire with Delta's own log retention."""
-    removed = table.vacuum(retention_hours=keep_hours, dry_run=False, enforce_retention_duration=False)
+    returns what was deleted. ``full``: list the folder, so untracked orphans are found too. Old log entries expire
+    with Delta's own log retention."""
+    removed = table.vacuum(retention_hours=keep_hours, dry_run=False, enforce_retention_duration=False, full=True)
     table.cleanup_metadata()
     return removed
