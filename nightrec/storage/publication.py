@@ -132,7 +132,7 @@ def commit(
     version = delta.commit_parts(
         lake.recommendations_uri, SPEC, merged.actions, {"run_date": [day.isoformat()]}, metadata, lake.storage_options
     )
-    failpoint("publish:before-latest")  # committed: the newest run date is now readable
+    failpoint("publish:after-commit")  # committed: the lists are readable, retention not yet applied
     dates = published_dates(lake, version)
     stats = {
         "rows": rows,
