@@ -20,7 +20,6 @@ import polars as pl
 import pyarrow as pa
 
 from nightrec.storage import delta
-from nightrec.storage.failpoints import failpoint
 from nightrec.storage.schemas import EVENTS_TABLE, ITEMS_TABLE, QUARANTINE_TABLE, USERS_TABLE
 
 _DATE_DIR = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
@@ -248,7 +247,6 @@ class Lake:
                 writer.write(frame.with_columns(pl.lit(day).alias("date")).to_arrow())
                 actions.append(writer.close())
                 replaced.append(day.isoformat())
-                failpoint("ingest:mid-merge")  # some days written as parts, none committed
         except BaseException:
             for writer in writers[len(actions) :]:
                 writer.abort()

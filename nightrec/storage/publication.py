@@ -44,12 +44,39 @@ class WrittenParts:
     options: dict = field(default_factory=dict)
     actions: list = field(default_factory=list)
 
+    def describe(self) -> dict:
+        """Plain data (for a task result crossing processes): the parts' add actions."""
+        fields = ("path", "size", "partition_values", "modification_time", "data_change", "stats")
+        return {"actions": [{f: getattr(a, f) for f in fields} for a in self.actions]}
+
     def read(self, filters=None) -> pa.Table:
         fs = delta.filesystem(self.uri, self.options)
         tables = [pq.read_table(path, filesystem=fs, filters=filters) for path in self.paths]
         table = pa.concat_tables(tables) if tables else SPEC.file_schema.empty_table()
         run_date = pa.array([self.day] * table.num_rows, pa.date32())
         return table.append_column("run_date", run_date).select(SPEC.schema.names).cast(SPEC.schema)
+
+
+@dataclass
+class ShardParts:
+    """Parts already written by several writers (Ray shards), with their row and user counts: :func:`publish` checks
+    and commits them instead of streaming batches."""
+
+    parts: list[WrittenParts]
+    rows: int
+    users: int
+
+    @classmethod
+    def from_descriptions(cls, lake: Lake, day: dt.date, described: Sequence[dict]) -> ShardParts:
+        from deltalake.transaction import AddAction
+
+        parts = []
+        for item in described:
+            actions = [AddAction(**a) for a in item["actions"]]
+            parts.append(
+                WrittenParts(lake.recommendations_uri, day, [a.path for a in actions], lake.storage_options, actions)
+            )
+        return cls(parts, sum(int(d["rows"]) for d in described), sum(int(d["users"]) for d in described))
 
 
 def _provenance(pointer: dict) -> dict[str, str]:
@@ -85,7 +112,7 @@ def write_parts(
 def publish(
     lake: Lake,
     day: dt.date,
-    batches: Iterable[pa.RecordBatch],
+    batches: Iterable[pa.RecordBatch] | ShardParts,
     pointer: dict,
     *,
     check: Callable[[WrittenParts], None] | None = None,
@@ -95,9 +122,15 @@ def publish(
     table_version and latest (whether ``day`` is now the newest run date, the one consumers read).
 
     ``check`` is called with the written, uncommitted parts; if it raises, nothing is published and the date's
-    previous lists stay as they were. With ``keep_nights`` old run dates and table versions are then expired
-    (:func:`apply_retention`).
+    previous lists stay as they were. ``batches`` may instead be :class:`ShardParts` that other processes wrote (a
+    Ray night): they are checked and committed the same way. With ``keep_nights`` old run dates and table versions
+    are then expired (:func:`apply_retention`).
     """
+    if isinstance(batches, ShardParts):  # written by the shards already: check and commit them
+        shards = batches
+        return commit(
+            lake, day, shards.parts, pointer, rows=shards.rows, users=shards.users, check=check, keep_nights=keep_nights
+        )
     parts, rows, users = write_parts(lake, day, batches, pointer)
     return commit(lake, day, [parts], pointer, rows=rows, users=users, check=check, keep_nights=keep_nights)
 

@@ -19,6 +19,7 @@ import polars as pl
 
 from nightrec.settings import Settings
 from nightrec.storage import atomic, locking
+from nightrec.storage.failpoints import failpoint
 from nightrec.storage.lake import Lake
 from nightrec.storage.schemas import EVENTS, ITEMS
 
@@ -426,7 +427,8 @@ def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sou
                 merged = _merged_day(lake, day, unique, day in existing_days)
                 if merged is not None:
                     changes.day(day)  # waits while a running night of a later date reads this day
-                    yield day, merged
+                    yield day, merged  # back here once the day's part is written (not committed)
+                failpoint("ingest:mid-merge")  # some days written as parts, none committed yet
 
         # Every changed day of the file in ONE commit that replaces those days (docs/contract.md): a reader, or a
         # crash, sees all of this file or none of it.
