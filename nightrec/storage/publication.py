@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -280,12 +281,15 @@ def read_latest_head(lake: Lake, users: int) -> tuple[dict, pa.Table]:
     return _pointer(table, day, lists), lists.filter(pc.is_in(lists["user_id"], value_set=first))
 
 
-def read_user_range(parts: WrittenParts, lo: str | None, hi: str | None) -> pa.Table:
-    """The rows of the written ``parts`` for users ``lo <= user_id < hi`` (None = open end). Lists are written in
-    user order, so row-group statistics skip the rest of the files: memory holds the range, not the night."""
+def read_user_range(parts: WrittenParts | Path, lo: str | None, hi: str | None) -> pa.Table:
+    """The rows of the written ``parts`` (or of one local Parquet file of lists) for users ``lo <= user_id < hi``
+    (None = open end). Lists are written in user order, so row-group statistics skip the rest of the files: memory
+    holds the range, not the night."""
     bounds = [("user_id", ">=", lo)] if lo is not None else []
     bounds += [("user_id", "<", hi)] if hi is not None else []
-    return parts.read(filters=bounds or None)
+    if isinstance(parts, WrittenParts):
+        return parts.read(filters=bounds or None)
+    return pq.read_table(parts, filters=bounds or None)
 
 
 def read_day(lake: Lake, day: dt.date, version: int | None = None) -> pa.Table:
