@@ -132,11 +132,12 @@ def check_schema(table: DeltaTable, spec: TableSpec) -> None:
 def _upgrade(table: DeltaTable, spec: TableSpec, found: list, expected: list) -> None:
     """A newer schema_version adds columns (nullable, so old rows read as null); anything else needs a migration."""
     names = {f[0] for f in found}
-    kept = [f for f in expected if f[0] in names]
-    if not spec.free_form and [f for f in found if f[0] in {e[0] for e in expected}] != kept:
+    wanted = {f[0]: f[1] for f in expected}
+    dropped_or_changed = [f[0] for f in found if wanted.get(f[0], f[1] if spec.free_form else None) != f[1]]
+    if dropped_or_changed:
         raise SchemaVersionError(
             f"{table.table_uri}: schema_version {schema_version(table)} -> {spec.version} of {spec.name!r} changes or "
-            "drops columns; only added nullable columns are upgraded in place"
+            f"drops columns ({', '.join(dropped_or_changed)}); only added nullable columns are upgraded in place"
         )
     added = [spec.schema.field(f[0]).with_nullable(True) for f in expected if f[0] not in names]
     if added:
