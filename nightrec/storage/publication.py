@@ -28,7 +28,6 @@ from nightrec.storage.lake import CorruptPartitionError, Lake, verify_file
 from nightrec.storage.schemas import RECOMMENDATIONS, RECOMMENDATIONS_TABLE
 
 SPEC = RECOMMENDATIONS_TABLE
-ROW_GROUP_ROWS = delta.PartWriter.ROW_GROUP_ROWS
 
 
 class NothingPublishedError(FileNotFoundError):
