@@ -141,3 +141,11 @@ def test_retention_vacuums_the_store(lake):
         day = dt.date(2026, 3, d)
         publication.publish(lake, day, [lists(day, ["a"])], {}, keep_nights=1 if d == 4 else None)
     assert lake.published_dates() == [dt.date(2026, 3, 4)]
+
+
+def test_commit_safety_is_conditional_put_unless_the_user_chose_otherwise():
+    assert delta.default_storage_options("s3://b/p", {}) == {"conditional_put": "etag"}
+    assert delta.default_storage_options("s3://b/p", {"AWS_S3_LOCKING_PROVIDER": "dynamodb"}) == {}
+    assert delta.default_storage_options("s3://b/p", {"AWS_S3_ALLOW_UNSAFE_RENAME": "true"}) == {}
+    assert delta.default_storage_options("gs://b/p", {}) == {} and delta.default_storage_options("/local", {}) == {}
+    assert Lake("s3://b/p", storage_options={"conditional_put": "none"}).storage_options == {"conditional_put": "none"}
