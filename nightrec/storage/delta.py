@@ -170,8 +170,12 @@ def ensure_table(uri: str, spec: TableSpec, options: Mapping[str, str] | None = 
 
 
 def filesystem(uri: str, options: Mapping[str, str] | None = None) -> pafs.FileSystem:
-    """A pyarrow filesystem rooted at the table folder ``uri``, through delta-rs' own object-store client (same
-    credentials, endpoint and options as its commits)."""
+    """A pyarrow filesystem rooted at the table folder ``uri``: pyarrow's own for a local folder (no Python in the
+    write path), else delta-rs' object-store client (same credentials, endpoint and options as its commits)."""
+    if not is_remote(uri):
+        folder = str(uri).removeprefix("file://")
+        os.makedirs(folder, exist_ok=True)
+        return pafs.SubTreeFileSystem(folder, pafs.LocalFileSystem())
     return pafs.PyFileSystem(DeltaStorageHandler(uri, dict(options or {})))
 
 
@@ -235,6 +239,8 @@ class PartWriter:
         ensure_table(uri, spec, options)  # refuses a schema drift before any byte is written; creates the folder
         self.fs = filesystem(uri, options)
         self.uri = uri
+        if folder:
+            self.fs.create_dir(folder, recursive=True)
         self._stream = self.fs.open_output_stream(self.path)
         # Page checksums: Delta records a file's size but no digest, so a deep check reads the pages against these.
         self._writer = pq.ParquetWriter(self._stream, spec.file_schema, compression="zstd", write_page_checksum=True)
