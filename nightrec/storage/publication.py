@@ -265,16 +265,20 @@ def read_latest_head(lake: Lake, users: int) -> tuple[dict, pa.Table]:
     with row-group skipping: memory stays near one row group, however many users the night published."""
     table = _table(lake)
     day = _newest_date(table)
-    dataset = table.to_pyarrow_dataset()
-    expr = pc.field("run_date") == pa.scalar(day, pa.date32())
+    fs = delta.filesystem(lake.recommendations_uri, lake.storage_options)
+    paths = [p for p in delta.file_sizes(table) if f"run_date={day.isoformat()}/" in p]
     batches: list[pa.RecordBatch] = []
     seen: set[str] = set()
-    for batch in dataset.to_batches(filter=expr, batch_size=8192):
-        batches.append(batch)
-        seen.update(pc.unique(batch["user_id"]).to_pylist())
+    for path in paths:  # in commit order: a sharded night's parts are in user-range order
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=8192):
+            batches.append(batch)
+            seen.update(pc.unique(batch["user_id"]).to_pylist())
+            if len(seen) > users:
+                break  # lists are written in user order: the first ``users`` lists are complete
         if len(seen) > users:
-            break  # lists are written in user order: the first ``users`` lists are complete
-    lists = pa.Table.from_batches(batches) if batches else SPEC.schema.empty_table()
+            break
+    lists = pa.Table.from_batches(batches) if batches else SPEC.file_schema.empty_table()
+    lists = lists.append_column("run_date", pa.array([day] * lists.num_rows, pa.date32()))
     lists = lists.select(SPEC.schema.names).cast(SPEC.schema)
     first = pc.unique(lists["user_id"])[:users]
     return _pointer(table, day, lists), lists.filter(pc.is_in(lists["user_id"], value_set=first))
