@@ -30,7 +30,6 @@ import torch  # noqa: E402
 
 from nightrec.settings import Settings  # noqa: E402
 from nightrec.sources import demo  # noqa: E402
-from nightrec.storage import atomic  # noqa: E402
 from nightrec.storage.lake import Lake  # noqa: E402
 from nightrec.storage.schemas import ITEMS  # noqa: E402
 from nightrec.tasks import embed  # noqa: E402
@@ -88,7 +87,7 @@ def nights(items: pl.DataFrame, threads: int, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         lake = Lake(Path(tmp) / "lake")
         settings = Settings(home=Path(tmp), embedding_threads=threads, embedding_batch_size=batch_size)
-        atomic.write_parquet_atomic(items.to_arrow().cast(ITEMS), lake.items_file)
+        lake.replace_items(items)
         full, full_s = timed(lambda: embed.embed_items(lake, settings))
         rng = np.random.default_rng(3)
         changed = rng.choice(items.height, size=max(1, items.height // 100), replace=False)
@@ -96,7 +95,7 @@ def nights(items: pl.DataFrame, threads: int, batch_size: int) -> dict:
         night2 = items.with_columns(
             pl.when(flag).then(pl.col("description") + " Now restored in 4K.").otherwise(pl.col("description"))
         )
-        atomic.write_parquet_atomic(night2.to_arrow().cast(ITEMS), lake.items_file)
+        lake.replace_items(night2)
         incremental, incremental_s = timed(lambda: embed.embed_items(lake, settings))
         ids = night2["item_id"].to_list()
         stored = embed.load_item_embeddings(lake, settings, [ids[i] for i in changed])

@@ -11,6 +11,14 @@ the exact reference for our recall@k on that sample. Index build + tuning are ti
 
     python bench/publish.py [--users 200000 --items 50000 --k 50 --peer-users 20000 --work /tmp/nightrec-bench-publish]
 
+``--storage`` instead times only the publication of the lists (200k users x 50 by default, 3 reasons each, streamed
+as record batches of 4096 users, as ``build_lists`` yields them), each contender in its own process on a fresh lake:
+- ``store-generate``: the synthetic batches alone (the floor both paths pay);
+- ``store-parquet``: before: the Parquet partition + manifest + ``LATEST`` pointer of commit 2f074c6 (its code taken
+  from git history with ``git archive``, run on its own);
+- ``store-delta``: after: today's ``publication.publish`` (uncommitted part, then one Delta commit), then the same
+  night published again (a re-run: the partition overwrite).
+
 The last line of stdout is one JSON object with every figure.
 """
 
@@ -235,6 +243,146 @@ def part_lists(work: Path, k: int) -> dict:
     }
 
 
+OLD_PARQUET_COMMIT = "2f074c6"  # the last commit with the Parquet layout's publication
+
+
+def synthetic_lists(users: int, k: int, batch_users: int = 4096):
+    """Record batches in the RECOMMENDATIONS schema, user order, deterministic: what build_lists yields, minus the
+    search (reasons: 3 per row, as the nightly makes them)."""
+    import pyarrow as pa
+
+    from nightrec.storage.schemas import RECOMMENDATIONS
+
+    rng = np.random.default_rng(3)
+    reason_type = RECOMMENDATIONS.field("reasons").type
+    item_names = pa.array([f"i{j:06d}" for j in range(50_000)])
+    titles = pa.array([f"Item {j}" for j in range(50_000)])
+    day = dt.date(2026, 6, 1)
+    for start in range(0, users, batch_users):
+        n = min(batch_users, users - start)
+        rows = n * k
+        names = pa.array([f"u{u:07d}" for u in range(start, start + n)])
+        user_ids = names.take(pa.array(np.repeat(np.arange(n), k)))
+        items = pa.array(rng.integers(0, 50_000, rows))
+        reason_items = pa.array(rng.integers(0, 50_000, rows * 3))
+        struct = pa.StructArray.from_arrays(
+            [
+                item_names.take(reason_items),
+                titles.take(reason_items),
+                pa.array(rng.random(rows * 3, dtype=np.float32) / 3),
+                pa.nulls(rows * 3, pa.string()),
+            ],
+            fields=list(reason_type.value_type),
+        )
+        reasons = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * 3 + 1, 3, dtype=np.int32)), struct)
+        yield pa.RecordBatch.from_arrays(
+            [
+                user_ids,
+                pa.array(np.tile(np.arange(1, k + 1, dtype=np.int32), n)),
+                item_names.take(items),
+                pa.array(np.sort(rng.random(rows, dtype=np.float32).reshape(n, k), axis=1)[:, ::-1].ravel()),
+                reasons.cast(reason_type),
+                pa.array(np.full(rows, (day - dt.date(1970, 1, 1)).days, np.int32)).cast(pa.date32()),
+                pa.array(["bench"]).take(pa.array(np.zeros(rows, np.int64))),
+            ],
+            schema=RECOMMENDATIONS,
+        )
+
+
+def part_store(work: Path, users: int, k: int, how: str) -> dict:
+    """Publish the synthetic night with this process's nightrec (today's, or the old code on PYTHONPATH)."""
+    import shutil
+
+    import nightrec
+    from nightrec.storage import publication
+    from nightrec.storage.lake import Lake
+
+    lake_dir = work / f"lake-{how}"
+    shutil.rmtree(lake_dir, ignore_errors=True)
+    rss0 = peak_rss_mb()
+    day = dt.date(2026, 6, 1)
+    started = time.perf_counter()
+    if how == "generate":
+        rows = sum(batch.num_rows for batch in synthetic_lists(users, k))
+        first = time.perf_counter() - started
+        return {"rows": rows, "seconds": first, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss0}
+    lake = Lake(lake_dir)
+    stats = publication.publish(lake, day, synthetic_lists(users, k), {"mlflow_run_id": "bench", "model_version": "1"})
+    first = time.perf_counter() - started
+    publish_rss = peak_rss_mb()  # before the re-run and the read: what the publication itself needed
+    again = None
+    if users <= 50_000:  # the re-run of the same night (partition overwrite); skipped at full size to stay short
+        started = time.perf_counter()
+        publication.publish(lake, day, synthetic_lists(users, k), {"mlflow_run_id": "bench2", "model_version": "1"})
+        again = time.perf_counter() - started
+    read, read_rows = None, None
+    if users <= 200_000:  # the whole night into memory: about 2.4 GB at 200k users
+        started = time.perf_counter()
+        _, table = publication.read_latest(lake)
+        read, read_rows = time.perf_counter() - started, table.num_rows
+    return {
+        "code": str(Path(nightrec.__file__).parent),
+        "rows": stats["rows"],
+        "bytes": stats["bytes"],
+        "seconds": first,
+        "republish_seconds": again,
+        "read_latest_seconds": read,
+        "read_rows": read_rows,
+        "publish_peak_rss_mb": publish_rss,
+        "peak_rss_mb": peak_rss_mb(),
+        "rss_before_mb": rss0,
+    }
+
+
+def old_parquet_code(work: Path) -> Path | None:
+    """The old publication's package, from git history (None when this clone lacks the commit)."""
+    target = work / f"nightrec-{OLD_PARQUET_COMMIT}"
+    if (target / "nightrec").is_dir():
+        return target
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", OLD_PARQUET_COMMIT, "nightrec"], cwd=repo, capture_output=True)
+    if archive.returncode != 0:
+        return None
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return target
+
+
+def run_storage(args) -> None:
+    import os
+    import platform
+
+    results = {}
+    for how in ("generate", "parquet", "delta"):
+        env = dict(os.environ)
+        if how == "parquet":
+            code = old_parquet_code(args.work)
+            if code is None:
+                print(f"store-parquet: skipped, commit {OLD_PARQUET_COMMIT} not in this clone", flush=True)
+                continue
+            env["PYTHONPATH"] = str(code)
+        cmd = [sys.executable, __file__, "--part", f"store-{how}", "--work", str(args.work)]
+        cmd += ["--users", str(args.users), "--k", str(args.k)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        results[how] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"store-{how}: {json.dumps(results[how])}", flush=True)
+    summary = {
+        "bench": "publish-storage",
+        "users": args.users,
+        "k": args.k,
+        "load_average": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        **{
+            f"{how}_{key}": (round(v, 2) if isinstance(v, float) else v)
+            for how, r in results.items()
+            for key, v in r.items()
+            if key not in ("code", "rss_before_mb")
+        },
+    }
+    print(json.dumps(summary))
+
+
 def run_part(name: str, args) -> dict:
     cmd = [
         sys.executable,
@@ -262,8 +410,15 @@ def main() -> None:
     parser.add_argument("--peer-users", type=int, default=20_000)
     parser.add_argument("--work", type=Path, default=Path("/tmp/nightrec-bench-publish"))
     parser.add_argument("--part")
+    parser.add_argument("--storage", action="store_true", help="time the publication only: Parquet before, Delta after")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.part and args.part.startswith("store-"):
+        print(json.dumps(part_store(args.work, args.users, args.k, args.part.removeprefix("store-")), default=str))
+        return
+    if args.storage:
+        run_storage(args)
+        return
     if args.part:
         parts = {
             "numpy": lambda: part_numpy(args.work, args.k, args.peer_users),

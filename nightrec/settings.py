@@ -12,13 +12,27 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_EVENT_TYPES = ("view", "click", "like", "cart", "purchase", "rating", "play", "share", "dislike")
 
 
+# Stores delta-rs commits to (docs/contract.md); file:// is a local folder.
+OBJECT_STORE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "azure", "file"})
+
+
 class Settings(BaseSettings):
     """Everything a run can be configured with. Paths default to folders under ``home``."""
 
     model_config = SettingsConfigDict(env_prefix="NIGHTREC_", env_nested_delimiter="__", extra="ignore")
 
     home: Path = Field(default=Path(".nightrec"), description="Root of all state: lake, MLflow, Prefect, models.")
-    lake: Path | None = Field(default=None, description="Parquet lake root (default: HOME/lake).")
+    lake: str | None = Field(
+        default=None,
+        description="Lake of Delta tables (docs/contract.md): a local folder (default: HOME/lake) or an object-store "
+        "URI such as s3://bucket/prefix (credentials and endpoint from the standard AWS_* variables).",
+    )
+    lake_retention_nights: int = Field(
+        default=30,
+        ge=1,
+        description="Run dates of the lists older than this many nights before the newest are deleted after each "
+        "publish, and VACUUM removes data files that no table version of these nights needs.",
+    )
     mlflow_tracking_uri: str | None = Field(default=None, description="Default: sqlite:///HOME/mlflow.db.")
     mlflow_artifact_root: str | None = Field(default=None, description="Default: HOME/mlartifacts.")
     mlflow_experiment: str = "nightrec"
@@ -141,17 +155,34 @@ class Settings(BaseSettings):
         "0 = one with task_runner=local, the Ray cluster's CPU count with ray.",
     )
 
-    @field_validator("home", "lake", mode="before")
+    @field_validator("home", mode="before")
     @classmethod
-    def _local_paths_only(cls, value):
-        # The lake's crash safety rests on rename, fsync and flock, which object stores lack (docs/scale-out.md):
-        # refuse a URI instead of silently treating "s3://bucket" as a relative local folder.
+    def _local_home(cls, value):
+        # MLflow's SQLite file, Prefect's home and the models stay on local disk; only the lake may be remote.
         if isinstance(value, str) and "://" in value:
             raise ValueError(
-                f"{value!r}: object-store URIs are not supported for the home or lake yet; use a local or "
-                "shared (NFS) path (see docs/scale-out.md)"
+                f"{value!r}: the home must be a local (or shared) folder; put the lake on an object store with "
+                "NIGHTREC_LAKE=s3://bucket/prefix (docs/contract.md)"
             )
         return value
+
+    @field_validator("lake", mode="before")
+    @classmethod
+    def _lake_uri(cls, value):
+        if value is None:
+            return None
+        text = str(value)
+        if "://" in text:
+            scheme = text.split("://", 1)[0].lower()
+            if scheme not in OBJECT_STORE_SCHEMES:
+                raise ValueError(
+                    f"{text!r}: unknown lake scheme {scheme!r}; use a local folder or one of "
+                    f"{', '.join(sorted(OBJECT_STORE_SCHEMES))}"
+                )
+            if not text.split("://", 1)[1].strip("/"):
+                raise ValueError(f"{text!r}: an object-store lake needs a bucket (s3://bucket/prefix)")
+            return text.rstrip("/")
+        return str(Path(text).expanduser().resolve())
 
     @field_validator("home", mode="after")
     @classmethod
@@ -169,8 +200,11 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def lake_root(self) -> Path:
-        return (self.lake or self.home / "lake").expanduser().resolve()
+    def lake_root(self) -> Path | str:
+        """The lake: a resolved local folder, or the object-store URI as given (``s3://bucket/prefix``)."""
+        if self.lake is not None and "://" in self.lake:
+            return self.lake
+        return Path(self.lake or self.home / "lake").expanduser().resolve()
 
     @property
     def tracking_uri(self) -> str:

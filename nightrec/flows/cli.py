@@ -89,7 +89,7 @@ def ingest(
     for rep in reports:
         reasons = f"  quarantined: {rep.reasons}" if rep.quarantined else ""
         typer.echo(f"{rep.source}: {rep.rows} rows, {rep.valid} landed, {rep.duplicates} duplicates{reasons}")
-    typer.echo(f"lake: {lake.root}")
+    typer.echo(f"lake: {lake.uri}")
 
 
 def _check_night_inputs(settings: Settings) -> None:
@@ -251,7 +251,7 @@ def _print_night(summary: dict) -> None:
     for name, metrics in gate["holdout"].items():
         typer.echo(f"  holdout {name:<11} NDCG@10 {metrics['ndcg_at_10']:.4f}  Recall@20 {metrics['recall_at_20']:.4f}")
     typer.echo(f"  model version {gate['model_version']} ({gate['published_model']}): {gate['reason']}")
-    typer.echo(f"  lists: {Path(settings.lake_root) / 'recommendations' / ('date=' + summary['run_date'])}")
+    typer.echo(f"  lists: {settings.lake_root}/recommendations (Delta table, run_date={summary['run_date']})")
     where = redact(settings.tracking_uri)
     typer.echo(f"  MLflow run {summary['mlflow_run_id']} in {where} (open it with `nightrec ui`)")
 

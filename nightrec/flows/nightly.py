@@ -288,9 +288,9 @@ def _prune_work_folders(runs_root: Path) -> None:
 def finished_dates(settings: Settings) -> set[dt.date]:
     """Dates whose lists are in the lake and whose night finished (its MLflow parent run FINISHED).
 
-    A partition alone is not enough: a night killed between the partition swap and the ``LATEST`` move leaves
-    ``date=D/`` in place, the pointer on an older night and its run RUNNING. A backfill re-runs such a date, which
-    moves the pointer and closes the dead run (KILLED, by recovery)."""
+    A run date in the table alone is not enough: a night killed right after its lists' commit leaves them readable
+    and its run RUNNING. A backfill re-runs such a date, which republishes it and closes the dead run (KILLED, by
+    recovery)."""
     client, exp = night_tracking(settings)
     runs = client.search_runs(
         [exp],

@@ -10,8 +10,9 @@ this date still marked RUNNING in MLflow or Prefect is a dead one (SIGKILL, OOM 
   starts from the champion, so a re-run must start from the champion the night began with to produce the lists
   an uninterrupted night produces.
 
-The publication's leftovers (dead writers' staging folders of any date, a ``.tmp`` pointer) are removed by
-``publication.publish``, and a killed ingest's by the ingest lock; the killed run's work folder stays for inspection
+The publication leaves nothing to tidy but uncommitted parts in the lists' Delta table, invisible to readers and
+deleted by ``VACUUM`` once older than the retention (docs/contract.md); a killed ingest's local staging folder is
+removed by the ingest lock; the killed run's work folder stays for inspection
 until pruned.
 """
 

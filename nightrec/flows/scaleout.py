@@ -38,6 +38,7 @@ from nightrec.storage.lake import Lake
 
 # Variables besides NIGHTREC_* that change what a worker computes or whether it may reach the network.
 PASSED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+OBJECT_STORE_ENV = ("AWS_", "GOOGLE_", "AZURE_", "DELTA_DYNAMO_")  # what delta-rs reads for the store
 
 
 def _worker() -> str:
@@ -89,6 +90,8 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     env["NIGHTREC_HOME"] = str(settings.home)
     env["NIGHTREC_LAKE"] = str(settings.lake_root)
     env.update({key: os.environ[key] for key in PASSED_ENV if key in os.environ})
+    # An object-store lake: the workers write their parts there with the flow's credentials and endpoint.
+    env.update({key: value for key, value in os.environ.items() if key.startswith(OBJECT_STORE_ENV)})
     return env
 
 
@@ -158,21 +161,21 @@ def embed_users_shard(run_date: dt.date, folder: str, shard: int, shards: int) -
 
 
 @task(name="publish-shard", task_run_name="publish-{shard}-of-{shards}", **stages.RETRY)
-def publish_shard(run_date: dt.date, workdir: str, shard: int, shards: int) -> dict:
-    """The lists of one user range as a Parquet part in the work folder (written whole or not at all)."""
+def publish_shard(run_date: dt.date, workdir: str, parent_run_id: str, shard: int, shards: int) -> dict:
+    """The lists of one user range, written by this worker straight into the lake's recommendations table as an
+    uncommitted part (local folder or object store alike). Returns the part's description; the flow's process checks
+    every shard's part and commits them all at once (:func:`publish_lists`)."""
+    from nightrec.storage import publication
     from nightrec.storage.vectors import load_served_vectors
-    from nightrec.tasks import publish
 
     settings = Settings()
     lake = Lake(settings.lake_root)
     vectors = load_served_vectors(Path(workdir) / "vectors")
     history = stages.night_events(lake, run_date)
     batches = stages.night_lists(settings, lake, run_date, Path(workdir), vectors, history, shard, shards)
-    return {"rows": publish.write_list_part(batches, list_part(workdir, shard, shards)), "worker": _worker()}
-
-
-def list_part(workdir: str | Path, shard: int, shards: int) -> Path:
-    return Path(workdir) / "lists" / f"part-{shard:05d}-of-{shards:05d}.parquet"
+    pointer = {"mlflow_run_id": parent_run_id}
+    parts, rows, users = publication.write_parts(lake, run_date, batches, pointer, name=f"{shard:05d}-of-{shards:05d}")
+    return {**parts.describe(), "rows": rows, "users": users, "worker": _worker()}
 
 
 # --- the stages, sharded --------------------------------------------------------------------------------------------
@@ -224,18 +227,19 @@ def embed_users(
 def publish_lists(
     plan: ShardPlan | None, run_date: dt.date, parent_run_id: str, workdir: str, wait_for: list | None = None
 ) -> dict:
-    """Lists: one task per user range into the work folder, then ONE atomic publication streamed from the parts."""
+    """Lists: one task per user range, each writing its part straight into the lake's table (uncommitted), then the
+    flow's process checks all parts and commits them in ONE transaction: readers see the whole night or none of it.
+    A retried or re-run shard writes a new part; parts no commit names are deleted by VACUUM (retention)."""
     if plan is None or not plan.sharded:
         return stages.publish_lists(run_date, parent_run_id, workdir, wait_for=wait_for)
+    from nightrec.storage import publication
     from nightrec.storage.vectors import load_served_vectors
-    from nightrec.tasks import publish
 
     with stages._Stage(parent_run_id, "publish") as st:
-        shutil.rmtree(Path(workdir) / "lists", ignore_errors=True)  # a re-run of the stage leaves no stale part
-        shard_stats = plan.run(publish_shard, plan.ranges(run_date=run_date, workdir=workdir))
-        parts = [list_part(workdir, shard, plan.shards) for shard in range(plan.shards)]
+        ranges = plan.ranges(run_date=run_date, workdir=workdir, parent_run_id=parent_run_id)
+        shard_stats = plan.run(publish_shard, ranges)
+        written = publication.ShardParts.from_descriptions(st.lake, run_date, shard_stats)
         served = load_served_vectors(Path(workdir) / "vectors")
         history = stages.night_events(st.lake, run_date)
-        batches = publish.read_list_parts(parts)
-        stats = stages.publish_checked(st, run_date, Path(workdir), batches, history, served.user_ids, served.item_ids)
+        stats = stages.publish_checked(st, run_date, Path(workdir), written, history, served.user_ids, served.item_ids)
         return {**stats, "shards": plan.shards, "workers": _workers(shard_stats)}

@@ -228,8 +228,7 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
         if day < run_date:
             digest.update(day.isoformat().encode())
             digest.update(lake.events_partition_sha256(day).encode())
-    if lake.items_file.exists():
-        digest.update(hashlib.sha256(lake.items_file.read_bytes()).digest())
+    digest.update(lake.catalogue_digest().encode())
     # The code version: the training loop, the model it trains and saves, the holdout rule that decides what trains
     # and the rule that decides which items it trains over.
     model_root = Path(model_package.__file__).parent
@@ -550,7 +549,7 @@ def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> d
 
 @task(name="publish", **RETRY)
 def publish_lists(run_date: dt.date, parent_run_id: str, workdir: str) -> dict:
-    """Top-k with reasons for every known user, checked, then published atomically with the LATEST pointer."""
+    """Top-k with reasons for every known user, checked, then published in one Delta commit (docs/contract.md)."""
     from nightrec.storage.vectors import load_served_vectors
 
     with _Stage(parent_run_id, "publish") as st:
@@ -644,7 +643,8 @@ def publish_checked(
                 result.unexplained_examples,
             )
 
-    stats = {**publication.publish(st.lake, run_date, batches, pointer, check=check), **counted}
+    keep = st.settings.lake_retention_nights
+    stats = {**publication.publish(st.lake, run_date, batches, pointer, check=check, keep_nights=keep), **counted}
     st.metrics(stats)
     return stats
 

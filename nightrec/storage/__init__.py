@@ -1,1 +1,2 @@
-"""Where bytes live: lake layout, Arrow schemas, atomic file and partition writes. Imports nothing of ours above it."""
+"""Where bytes live: the lake's Delta tables (docs/contract.md), Arrow schemas, local caches and locks, the MLflow
+registry. Imports nothing of ours above it."""

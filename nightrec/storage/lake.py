@@ -1,28 +1,28 @@
-"""The lake layout (DESIGN.md) and its readers and writers.
+"""The lake (docs/contract.md): Delta tables of events, quarantine, items, users and published lists, on a local
+folder or an object store, plus the local caches (embeddings, locks) beside them.
 
-Every path is built here and checked to stay inside the lake.
+A local lake is a folder; ``s3://bucket/prefix`` (or any store delta-rs speaks) is an object-store lake, whose
+credentials and endpoint come from the standard environment variables (``AWS_*``) or ``storage_options``. The
+embedding cache and the locks that order one machine's writers stay on local disk: in the lake folder for a local
+lake, in a per-lake folder under the system's temporary folder for an object-store one (``local_dir``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
+import hashlib
 import re
-import shutil
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import polars as pl
-import pyarrow.parquet as pq
+import pyarrow as pa
 
-from nightrec.storage import atomic
-from nightrec.storage.schemas import EVENTS
+from nightrec.storage import delta
+from nightrec.storage.schemas import EVENTS_TABLE, ITEMS_TABLE, QUARANTINE_TABLE, USERS_TABLE
 
 _DATE_DIR = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
-PART_FILE = "part-0.parquet"
-MANIFEST_FILE = (
-    "_manifest.json"  # beside PART_FILE: {"file", "rows", "bytes", "sha256"}, published with it in one rename
-)
 
 
 class UnsafePathError(ValueError):
@@ -30,7 +30,7 @@ class UnsafePathError(ValueError):
 
 
 class CorruptPartitionError(ValueError):
-    """A lake file is truncated, corrupted or does not match its manifest; the message names the file."""
+    """A lake file is missing, truncated or does not match the size its table's log recorded; the message names it."""
 
 
 def _safe_name(name: str) -> str:
@@ -49,37 +49,94 @@ def _day(day: dt.date) -> str:
     return f"date={day.isoformat()}"
 
 
-@dataclass(frozen=True)
+def _check_date(day: dt.date) -> dt.date:
+    _day(day)
+    return day
+
+
 class Lake:
-    """Paths of one lake. ``root`` is a local directory."""
+    """One lake. ``root``: a local folder or an object-store URI (``s3://bucket/prefix``)."""
 
-    root: Path
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        storage_options: Mapping[str, str] | None = None,
+        local_dir: str | Path | None = None,
+        migrate: bool = True,
+    ) -> None:
+        text = str(root)
+        self.remote = delta.is_remote(text)
+        if self.remote:
+            self.uri = text.rstrip("/")
+            digest = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+            default_local = Path(tempfile.gettempdir()) / f"nightrec-lake-{digest}"
+            self.local_dir = Path(local_dir or default_local).expanduser().resolve()
+        else:
+            self.local_dir = Path(text.removeprefix("file://")).expanduser().resolve()
+            self.uri = str(self.local_dir)
+        self.storage_options = {**delta.default_storage_options(self.uri), **dict(storage_options or {})}
+        if migrate and not self.remote:
+            from nightrec.storage import legacy  # only local lakes had the old Parquet layout
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+            legacy.migrate_if_needed(self)
+
+    def __repr__(self) -> str:
+        return f"Lake({self.uri!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Lake) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    @property
+    def root(self) -> Path:
+        """The local folder of this lake: the lake itself when local, its caches and locks when on an object store."""
+        return self.local_dir
 
     def _inside(self, *parts: str) -> Path:
-        path = self.root.joinpath(*(_safe_name(p) for p in parts))
-        if not path.resolve().is_relative_to(self.root):
-            raise UnsafePathError(f"{path} is outside the lake {self.root}")
+        path = self.local_dir.joinpath(*(_safe_name(p) for p in parts))
+        if not path.resolve().is_relative_to(self.local_dir):
+            raise UnsafePathError(f"{path} is outside the lake {self.local_dir}")
         return path
 
+    def table_uri(self, name: str) -> str:
+        _safe_name(name)
+        if self.remote:
+            return f"{self.uri}/{name}"
+        path = self._inside(name)
+        return str(path)
+
     # --- layout -------------------------------------------------------------------------------------------------
+    @property
+    def events_uri(self) -> str:
+        return self.table_uri(EVENTS_TABLE.name)
+
+    @property
+    def quarantine_uri(self) -> str:
+        return self.table_uri(QUARANTINE_TABLE.name)
+
+    @property
+    def items_uri(self) -> str:
+        return self.table_uri(ITEMS_TABLE.name)
+
+    @property
+    def users_uri(self) -> str:
+        return self.table_uri(USERS_TABLE.name)
+
+    @property
+    def recommendations_uri(self) -> str:
+        return self.table_uri("recommendations")
+
     @property
     def events_dir(self) -> Path:
         return self._inside("events")
 
     @property
-    def quarantine_dir(self) -> Path:
-        return self._inside("quarantine")
-
-    @property
-    def items_file(self) -> Path:
-        return self._inside("items", "items.parquet")
-
-    @property
-    def users_file(self) -> Path:
-        return self._inside("users", "users.parquet")
+    def recommendations_dir(self) -> Path:
+        """Local folder of the lists (locks live on it); on an object-store lake only the locks."""
+        return self._inside("recommendations")
 
     @property
     def item_embeddings_dir(self) -> Path:
@@ -88,112 +145,282 @@ class Lake:
     def user_embeddings_dir(self, day: dt.date) -> Path:
         return self._inside("embeddings", "users", _day(day))
 
-    @property
-    def recommendations_dir(self) -> Path:
-        return self._inside("recommendations")
-
-    def recommendations_partition(self, day: dt.date) -> Path:
-        return self._inside("recommendations", _day(day))
-
-    @property
-    def latest_pointer(self) -> Path:
-        return self._inside("recommendations", "LATEST")
-
     def events_partition(self, day: dt.date) -> Path:
         return self._inside("events", _day(day))
 
     def quarantine_partition(self, day: dt.date) -> Path:
         return self._inside("quarantine", _day(day))
 
+    def recommendations_partition(self, day: dt.date) -> Path:
+        return self._inside("recommendations", f"run_date={_check_date(day).isoformat()}")
+
+    def _open(self, uri: str, version: int | None = None):
+        return delta.open_table(uri, self.storage_options, version)
+
     # --- events -------------------------------------------------------------------------------------------------
     def event_dates(self) -> list[dt.date]:
-        return partition_dates(self.events_dir)
+        table = self._open(self.events_uri)
+        if table is None:
+            return []
+        return sorted(dt.date.fromisoformat(p["date"]) for p in table.partitions())
 
     def scan_events(
         self, before: dt.date | None = None, since: dt.date | None = None, verify: bool = True
     ) -> pl.LazyFrame:
         """Events with ``since <= date < before`` as a lazy frame with a ``date`` column (empty frame if none).
 
-        With ``verify`` each partition's Parquet footer is read and checked against its manifest (rows, bytes):
-        a truncated or replaced file raises CorruptPartitionError naming it, before any row is used.
+        With ``verify`` every file the scan needs is checked to exist with the size its commit recorded: a deleted or
+        truncated file raises CorruptPartitionError naming it, before any row is used.
         """
-        days = [d for d in self.event_dates() if (before is None or d < before) and (since is None or d >= since)]
-        files = [self.events_partition(d) / PART_FILE for d in days]
+        table = self._open(self.events_uri)
+        empty = pl.from_arrow(EVENTS_TABLE.schema.empty_table()).lazy()
+        if table is None:
+            return empty
         if verify:
-            for f in files:
-                verify_parquet(f)
-        if not files:
-            return pl.from_arrow(EVENTS.empty_table()).lazy().with_columns(pl.lit(None, pl.Date).alias("date"))
-        frames = [pl.scan_parquet(f).with_columns(pl.lit(d).alias("date")) for f, d in zip(files, days, strict=True)]
-        return pl.concat(frames, how="vertical")
+            self._verify(table, self.events_uri, since, before, "date")
+        frame = pl.scan_delta(table)
+        if before is not None:
+            frame = frame.filter(pl.col("date") < pl.lit(before))
+        if since is not None:
+            frame = frame.filter(pl.col("date") >= pl.lit(since))
+        return frame.select(EVENTS_TABLE.schema.names)
+
+    def _verify(self, table, uri: str, since, before, key: str, deep: bool = False) -> list[str]:
+        """Check the files of the partitions in ``[since, before)`` against the log: each exists with its committed
+        size and its Parquet footer holds the committed row count; with ``deep`` every page is also read against
+        its checksum (a flipped byte). Raises CorruptPartitionError naming the first bad file."""
+        fs = delta.filesystem(uri, self.storage_options)
+        actions = pa.table(table.get_add_actions(flatten=True))
+        checked = []
+        for path, size, rows in zip(
+            actions["path"].to_pylist(),
+            actions["size_bytes"].to_pylist(),
+            actions["num_records"].to_pylist(),
+            strict=True,
+        ):
+            day = _partition_day(path, key)
+            if day is not None and ((since is not None and day < since) or (before is not None and day >= before)):
+                continue
+            checked.append(verify_file(fs, uri, path, size, rows, deep))
+        return checked
+
+    def verify_events(self, deep: bool = True) -> list[str]:
+        """Check every events file against the log (see :meth:`_verify`); returns the files checked."""
+        table = self._open(self.events_uri)
+        return [] if table is None else self._verify(table, self.events_uri, None, None, "date", deep)
 
     def read_events_partition(self, day: dt.date) -> pl.DataFrame:
-        """One day's events, verified against its manifest first."""
-        path = self.events_partition(day) / PART_FILE
-        verify_parquet(path)
+        """One day's events (without the ``date`` column), verified against the log first."""
+        _check_date(day)
+        frame = self.scan_events(since=day, before=day + dt.timedelta(days=1)).drop("date")
         try:
-            return pl.read_parquet(path)
-        except Exception as exc:  # bytes that pass the footer check can still fail to decode
-            raise CorruptPartitionError(f"{path}: unreadable: {str(exc).strip().splitlines()[0]}") from exc
+            return frame.collect()
+        except Exception as exc:  # bytes that pass the size check can still fail to decode
+            raise CorruptPartitionError(f"{self.events_uri} ({day}): unreadable: {_first_line(exc)}") from exc
 
     def events_partition_sha256(self, day: dt.date) -> str:
-        """The day's content digest: the manifest's sha256 (no re-read of the data), hashed afresh without one."""
-        folder = self.events_partition(day)
-        manifest = folder / MANIFEST_FILE
-        if manifest.exists():
-            try:
-                return str(json.loads(manifest.read_text())["sha256"])
-            except (ValueError, KeyError):
-                pass  # an unreadable manifest: fall back to the bytes themselves
-        return atomic.sha256_file(folder / PART_FILE)
+        """The day's content key: a digest of the data files the table's log names for it. Data files are never
+        rewritten in place (a rewrite is new files and a new commit), so the key changes exactly when the day does."""
+        table = self._open(self.events_uri)
+        digest = hashlib.sha256(day.isoformat().encode())
+        if table is not None:
+            for path, size in sorted(delta.file_sizes(table).items()):
+                if _partition_day(path, "date") == day:
+                    digest.update(f"{path}:{size}".encode())
+        return digest.hexdigest()
+
+    def write_events_days(self, days: Iterable[tuple[dt.date, pl.DataFrame]]) -> int | None:
+        """Replace each given day whole, all of them in ONE commit (a re-ingest of a day leaves its rows once).
+
+        ``days`` may be a generator: each day is written as a Parquet part when it is produced (memory: one day),
+        and the commit that makes them all visible comes after the last. Returns the new table version (None: no day).
+        """
+        writers: list[delta.PartWriter] = []
+        actions, replaced = [], []
+        try:
+            for day, frame in days:
+                _check_date(day)
+                writer = delta.PartWriter(
+                    self.events_uri, EVENTS_TABLE, {"date": day.isoformat()}, self.storage_options
+                )
+                writers.append(writer)
+                writer.write(frame.with_columns(pl.lit(day).alias("date")).to_arrow())
+                actions.append(writer.close())
+                replaced.append(day.isoformat())
+        except BaseException:
+            for writer in writers[len(actions) :]:
+                writer.abort()
+            raise
+        if not actions:
+            return None
+        return delta.commit_parts(
+            self.events_uri,
+            EVENTS_TABLE,
+            actions,
+            {"date": replaced},
+            {"nightrec.operation": "ingest-events"},
+            self.storage_options,
+        )
 
     def write_events_partition(self, day: dt.date, frame: pl.DataFrame) -> None:
-        """Replace the whole partition for ``day``: the Parquet file and its manifest are written in a staging
-        folder and swapped in with one rename, so a reader sees the old pair or the new pair, never a mix."""
-        target = self.events_partition(day)
-        staging = atomic.new_staging_dir(target.parent, target.name)
-        try:
-            atomic.write_parquet_atomic(frame.to_arrow(), staging / PART_FILE)
-            atomic.write_json_atomic(staging / MANIFEST_FILE, file_manifest(staging / PART_FILE))
-            atomic.replace_dir(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # already gone on success (replace_dir moved it)
+        """Replace the whole partition for ``day`` in one commit: a reader sees the old day or the new day."""
+        self.write_events_days([(day, frame)])
 
-    def verify_events(self, deep: bool = True) -> list[Path]:
-        """Check every events partition (footer, rows, bytes; with ``deep`` also the sha256 of the whole file).
-        Returns the files checked; raises CorruptPartitionError naming the first bad one."""
-        files = [self.events_partition(d) / PART_FILE for d in self.event_dates()]
-        for f in files:
-            verify_parquet(f, deep=deep)
-        return files
+    def append_quarantine(self, day: dt.date, frame: pl.DataFrame, batch_id: str) -> str:
+        """Rejected rows of one ingest batch (every source column as text, ``reason``, ``source_file``), appended
+        under the day they were rejected with their ``batch_id`` (a digest of the source and its rows): a batch
+        already in the table is not appended again, so a re-ingest leaves the quarantine as it was. Returns the URI."""
+        _safe_name(batch_id)
+        _check_date(day)
+        existing = self._open(self.quarantine_uri)
+        if existing is not None:
+            seen = (
+                pl.scan_delta(existing)
+                .filter((pl.col("date") == pl.lit(day)) & (pl.col("batch_id") == batch_id))
+                .head(1)
+                .collect()
+            )
+            if seen.height:
+                return self.quarantine_uri
+        table = frame.with_columns(
+            pl.col(pl.Null).cast(pl.String), pl.lit(batch_id).alias("batch_id"), pl.lit(day).alias("date")
+        )
+        if "source_file" not in table.columns:
+            table = table.with_columns(pl.lit(batch_id).alias("source_file"))
+        arrow = table.to_arrow()
+        arrow = arrow.cast(pa.schema([_text_or_date(f) for f in arrow.schema]))
+        delta.ensure_table(self.quarantine_uri, QUARANTINE_TABLE, self.storage_options)
+        from deltalake import CommitProperties, write_deltalake
 
-    def append_quarantine(self, day: dt.date, frame: pl.DataFrame, batch_id: str) -> Path:
-        """Rejected rows of one ingest batch; each batch gets its own file so nothing earlier is overwritten."""
-        path = self.quarantine_partition(day) / f"part-{_safe_name(batch_id)}.parquet"
-        atomic.write_parquet_atomic(frame.to_arrow(), path)
-        return path
+        write_deltalake(
+            self.quarantine_uri,
+            arrow,
+            mode="append",
+            schema_mode="merge",  # every source has its own text columns
+            partition_by=list(QUARANTINE_TABLE.partition_by),
+            storage_options=self.storage_options,
+            commit_properties=CommitProperties(custom_metadata={"nightrec.batch": batch_id}),
+        )
+        return self.quarantine_uri
+
+    def read_quarantine(self) -> pl.DataFrame:
+        table = self._open(self.quarantine_uri)
+        return pl.from_arrow(QUARANTINE_TABLE.schema.empty_table()) if table is None else pl.read_delta(table)
 
     # --- catalogue ----------------------------------------------------------------------------------------------
     def read_items(self) -> pl.DataFrame:
-        if not self.items_file.exists():
-            raise FileNotFoundError(f"no item catalogue in the lake yet ({self.items_file}); run `nightrec ingest`")
-        return pl.read_parquet(self.items_file)
+        table = self._open(self.items_uri)
+        if table is None:
+            raise FileNotFoundError(f"no item catalogue in the lake yet ({self.items_uri}); run `nightrec ingest`")
+        return pl.read_delta(table).select(ITEMS_TABLE.schema.names).sort("item_id")
+
+    def has_items(self) -> bool:
+        return self._open(self.items_uri) is not None
+
+    def upsert_items(self, rows: pl.DataFrame) -> int | None:
+        """Insert or replace (by ``item_id``) the given catalogue rows in one merge commit; returns the version."""
+        table = delta.ensure_table(self.items_uri, ITEMS_TABLE, self.storage_options)
+        if rows.is_empty():
+            return table.version()
+        source = rows.select(ITEMS_TABLE.schema.names).to_arrow().cast(ITEMS_TABLE.schema)
+        (
+            table.merge(source, predicate="t.item_id = s.item_id", source_alias="s", target_alias="t")
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
+        return table.version()
+
+    def replace_items(self, items: pl.DataFrame) -> None:
+        """Replace the whole catalogue in one commit (fixtures and benchmarks; ingest upserts instead)."""
+        from deltalake import write_deltalake
+
+        delta.ensure_table(self.items_uri, ITEMS_TABLE, self.storage_options)
+        source = items.select(ITEMS_TABLE.schema.names).to_arrow().cast(ITEMS_TABLE.schema)
+        write_deltalake(self.items_uri, source, mode="overwrite", storage_options=self.storage_options)
 
     def read_users(self) -> pl.DataFrame | None:
-        return pl.read_parquet(self.users_file) if self.users_file.exists() else None
+        table = self._open(self.users_uri)
+        return None if table is None else pl.read_delta(table).sort("user_id")
+
+    def write_users(self, users: pl.DataFrame) -> None:
+        """Replace the user attributes (free-form text columns keyed by ``user_id``) in one commit."""
+        from deltalake import write_deltalake
+
+        arrow = users.to_arrow()
+        arrow = arrow.cast(pa.schema([_text_or_date(f) for f in arrow.schema]))
+        delta.ensure_table(self.users_uri, USERS_TABLE, self.storage_options)
+        write_deltalake(
+            self.users_uri, arrow, mode="overwrite", schema_mode="overwrite", storage_options=self.storage_options
+        )
+        table = self._open(self.users_uri)
+        if delta.schema_version(table) != USERS_TABLE.version:  # an overwrite of the schema keeps the property
+            table.alter.set_table_properties(
+                {delta.SCHEMA_VERSION_KEY: str(USERS_TABLE.version)}, raise_if_not_exists=False
+            )
+
+    def catalogue_digest(self) -> str:
+        """Content key of the catalogue (items): its table's file list, which changes exactly when a commit does."""
+        table = self._open(self.items_uri)
+        digest = hashlib.sha256(b"items")
+        if table is not None:
+            for path, size in sorted(delta.file_sizes(table).items()):
+                digest.update(f"{path}:{size}".encode())
+        return digest.hexdigest()
 
     # --- published recommendations ------------------------------------------------------------------------------
     def read_latest_pointer(self) -> dict | None:
-        if not self.latest_pointer.exists():
-            return None
-        return json.loads(self.latest_pointer.read_text())
+        """The newest published night: {"date", "mlflow_run_id", "model_version", "table_version"} or None."""
+        from nightrec.storage import publication
+
+        return publication.newest(self)
 
     def published_dates(self) -> list[dt.date]:
-        return partition_dates(self.recommendations_dir)
+        from nightrec.storage import publication
+
+        return publication.published_dates(self)
+
+
+def verify_file(fs, uri: str, path: str, size: int, rows: int | None, deep: bool) -> str:
+    """One data file against what its commit recorded (size, rows; pages with ``deep``); returns its full name."""
+    import pyarrow.parquet as pq
+
+    where = f"{uri}/{path}"
+    info = fs.get_file_info(path)
+    if info.size is None:
+        raise CorruptPartitionError(f"{where}: missing (the table's log names it)")
+    if info.size != size:
+        raise CorruptPartitionError(f"{where}: truncated or replaced ({info.size} bytes; its commit recorded {size})")
+    try:
+        with fs.open_input_file(path) as handle:
+            found = pq.ParquetFile(handle).metadata.num_rows
+            if deep:
+                pq.read_table(handle, page_checksum_verification=True)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a broken footer or a bad page
+        raise CorruptPartitionError(f"{where}: corrupted Parquet ({_first_line(exc)})") from exc
+    if rows is not None and found != rows:
+        raise CorruptPartitionError(f"{where}: holds {found} rows, its commit recorded {rows}")
+    return where
+
+
+def _partition_day(path: str, key: str) -> dt.date | None:
+    match = re.search(rf"(?:^|/){key}=(\d{{4}}-\d{{2}}-\d{{2}})/", path)
+    return dt.date.fromisoformat(match.group(1)) if match else None
+
+
+def _text_or_date(field: pa.Field) -> pa.Field:
+    if pa.types.is_date(field.type):
+        return field
+    return pa.field(field.name, pa.string(), nullable=True)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def partition_dates(parent: Path) -> list[dt.date]:
-    """Sorted dates of the ``date=YYYY-MM-DD`` folders directly under ``parent``."""
+    """Sorted dates of the ``date=YYYY-MM-DD`` folders directly under ``parent`` (local caches)."""
     if not parent.exists():
         return []
     found = []
@@ -202,42 +429,3 @@ def partition_dates(parent: Path) -> list[dt.date]:
         if match and child.is_dir():
             found.append(dt.date.fromisoformat(match.group(1)))
     return sorted(found)
-
-
-def file_manifest(path: Path) -> dict:
-    """What a reader checks a Parquet file against: row count from its footer, size and sha256 of its bytes."""
-    return {
-        "file": path.name,
-        "rows": pq.read_metadata(path).num_rows,
-        "bytes": path.stat().st_size,
-        "sha256": atomic.sha256_file(path),
-    }
-
-
-def verify_parquet(path: Path, deep: bool = False) -> int:
-    """Row count of ``path`` after checking its footer and, where a manifest lies beside it, its rows and size
-    (and its sha256 with ``deep``). Files written before manifests existed get the footer check only."""
-    try:
-        rows = pq.read_metadata(path).num_rows
-    except FileNotFoundError:
-        raise CorruptPartitionError(f"{path}: missing") from None
-    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a truncated or overwritten footer
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CorruptPartitionError(f"{path}: truncated or corrupted Parquet ({why})") from exc
-    manifest_path = path.parent / MANIFEST_FILE
-    if not manifest_path.exists():
-        return rows
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        expected_rows, expected_bytes = int(manifest["rows"]), int(manifest["bytes"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptPartitionError(f"{manifest_path}: unreadable manifest for {path}") from exc
-    size = path.stat().st_size
-    if (rows, size) != (expected_rows, expected_bytes):
-        raise CorruptPartitionError(
-            f"{path}: does not match its manifest ({rows} rows, {size} bytes; expected {expected_rows} rows, "
-            f"{expected_bytes} bytes)"
-        )
-    if deep and atomic.sha256_file(path) != manifest.get("sha256"):
-        raise CorruptPartitionError(f"{path}: sha256 differs from its manifest (bytes changed after writing)")
-    return rows

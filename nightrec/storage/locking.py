@@ -1,8 +1,10 @@
 """Lake-wide writer locks: OS ``flock`` on a lake directory, released by the kernel when the holder dies.
 
-Two writers of the same read-modify-write (an events day merged with new rows, the catalogue merged with a new file,
-the ``LATEST`` pointer compared and replaced) would each read the old bytes and the second rename would drop the
-first one's rows. These locks serialise them. They lock the directory itself (no lock file), so a lake's bytes are
+Two writers of the same read-modify-write (an events day merged with new rows, the catalogue merged with a new file)
+would each read the old rows and the second commit would drop the first one's rows: Delta's optimistic commits keep
+the table consistent but cannot know the rows were derived from a stale read. These locks serialise them on one
+machine; they live in the lake's local folder (``Lake.local_dir``: the lake itself, or its local state folder for an
+object-store lake). They lock the directory itself (no lock file), so a lake's bytes are
 the same with or without a lock having been taken, and a SIGKILLed holder leaves nothing stale behind.
 """
 
@@ -56,18 +58,11 @@ def directory_lock(folder: Path, what: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def ingest_lock(lake: Lake) -> Iterator[None]:
-    """One ingest at a time per lake. The holder first removes what a killed ingest left (staging folders,
-    ``.tmp`` files): with the lock held, no live writer can own them."""
+    """One ingest at a time per lake. The holder first removes what a killed ingest left (its local staging
+    folders, ``.tmp`` files): with the lock held, no live writer can own them. Uncommitted Parquet parts a killed
+    ingest left in a table are invisible and go with VACUUM."""
     with directory_lock(lake.root, "ingest"):
-        for folder in (lake.root, lake.events_dir, lake.items_file.parent, lake.users_file.parent):
-            atomic.remove_stale_staging(folder)
-        yield
-
-
-@contextlib.contextmanager
-def pointer_lock(lake: Lake) -> Iterator[None]:
-    """One ``LATEST`` compare-and-replace at a time (two dates publishing at once must not move it back)."""
-    with directory_lock(lake.recommendations_dir, "publication of LATEST"):
+        atomic.remove_stale_staging(lake.root)
         yield
 
 

@@ -1,8 +1,15 @@
-"""Arrow schemas of everything the lake stores: the contracts in DESIGN.md."""
+"""Arrow schemas and Delta table specs of everything the lake stores: the contract in docs/contract.md.
+
+A change to a table's schema must bump its ``version`` (kept in the table's Delta metadata as
+``nightrec.schema_version``): a writer whose schema differs from the table's at the same version is refused, and
+``tests/storage/test_schemas.py`` pins each version's fields.
+"""
 
 from __future__ import annotations
 
 import pyarrow as pa
+
+from nightrec.storage.delta import TableSpec
 
 EVENTS = pa.schema(
     [
@@ -70,3 +77,32 @@ RECOMMENDATIONS = pa.schema(
         pa.field("model_version", pa.string(), nullable=False),
     ]
 )
+
+# --- the Delta tables (docs/contract.md) ----------------------------------------------------------------------------
+EVENTS_TABLE = TableSpec(
+    "events", EVENTS.append(pa.field("date", pa.date32(), nullable=False)), version=1, partition_by=("date",)
+)
+ITEMS_TABLE = TableSpec("items", ITEMS, version=1)
+USERS_TABLE = TableSpec("users", pa.schema([USERS_KEY]), version=1, free_form=True)
+QUARANTINE_TABLE = TableSpec(
+    "quarantine",
+    pa.schema(
+        [
+            pa.field("reason", pa.string()),
+            pa.field("source_file", pa.string()),
+            pa.field("batch_id", pa.string()),
+            pa.field("date", pa.date32()),
+        ]
+    ),
+    version=1,
+    partition_by=("date",),
+    free_form=True,
+)
+# The published lists: the rows build_lists makes, plus the MLflow run that published them (one value per run date).
+RECOMMENDATIONS_TABLE = TableSpec(
+    "recommendations",
+    RECOMMENDATIONS.append(pa.field("mlflow_run_id", pa.string(), nullable=False)),
+    version=1,
+    partition_by=("run_date",),
+)
+TABLES = (EVENTS_TABLE, ITEMS_TABLE, USERS_TABLE, QUARANTINE_TABLE, RECOMMENDATIONS_TABLE)

@@ -20,7 +20,7 @@ import polars as pl
 from nightrec.settings import Settings
 from nightrec.storage import atomic, locking
 from nightrec.storage.failpoints import failpoint
-from nightrec.storage.lake import PART_FILE, Lake
+from nightrec.storage.lake import Lake
 from nightrec.storage.schemas import EVENTS, ITEMS
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp", "event_type", "value")
@@ -414,14 +414,25 @@ def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sou
             staged = typed_events(validated, dedupe=False).with_columns(pl.col("timestamp").dt.date().alias("_date"))
             staged.sink_parquet(pl.PartitionBy(staging, key="_date", include_key=True), mkdir=True)
         kept = 0
-        for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
-            day_rows = pl.read_parquet(folder)
-            day = day_rows["_date"][0]
-            unique = day_rows.drop("_date").unique()
-            kept += unique.height
-            _merge_into_partition(lake, day, unique, changes)
-            report.dates.append(day.isoformat())
-            failpoint("ingest:mid-merge")  # some days rewritten, others not yet
+        existing_days = set(lake.event_dates())
+
+        def changed_days():
+            nonlocal kept
+            for folder in sorted(p for p in staging.iterdir() if p.is_dir()):
+                day_rows = pl.read_parquet(folder)
+                day = day_rows["_date"][0]
+                unique = day_rows.drop("_date").unique()
+                kept += unique.height
+                report.dates.append(day.isoformat())
+                merged = _merged_day(lake, day, unique, day in existing_days)
+                if merged is not None:
+                    changes.day(day)  # waits while a running night of a later date reads this day
+                    yield day, merged  # back here once the day's part is written (not committed)
+                failpoint("ingest:mid-merge")  # some days written as parts, none committed yet
+
+        # Every changed day of the file in ONE commit that replaces those days (docs/contract.md): a reader, or a
+        # crash, sees all of this file or none of it.
+        lake.write_events_days(changed_days())
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         changes.close()  # the nights waiting on these days now read all of this file
@@ -432,20 +443,18 @@ def ingest_events_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sou
     return report
 
 
-def _merge_into_partition(lake: Lake, day: dt.date, part: pl.DataFrame, changes: locking.IngestChanges) -> None:
-    """Union with what the day already holds, drop exact repeats, rewrite the day whole; a day that gains no row
-    is left alone (a re-ingest writes nothing, and waits for no running night)."""
-    existing_file = lake.events_partition(day) / PART_FILE
+def _merged_day(lake: Lake, day: dt.date, part: pl.DataFrame, exists: bool) -> pl.DataFrame | None:
+    """The day's rows after the union with what it already holds, exact repeats dropped; None when the day gains no
+    row (a re-ingest writes nothing, and waits for no running night)."""
     existing_rows = 0
-    if existing_file.exists():
+    if exists:
         existing = lake.read_events_partition(day)
         existing_rows = existing.height
         part = pl.concat([existing, part], how="vertical_relaxed")
     merged = part.unique().sort("timestamp", "user_id", "item_id", "event_type", "value", nulls_last=True)
-    if existing_file.exists() and merged.height == existing_rows:  # the day is unique already: nothing new
-        return
-    changes.day(day)  # waits while a running night of a later date reads this day
-    lake.write_events_partition(day, merged.cast(_events_frame_schema()))
+    if exists and merged.height == existing_rows:  # the day is unique already: nothing new
+        return None
+    return merged.cast(_events_frame_schema())
 
 
 def _refuse_unreadable(path: Path, exc: Exception) -> IngestError:
@@ -535,11 +544,12 @@ def ingest_items_frame(lake: Lake, frame: pl.LazyFrame, settings: Settings, sour
             f"{settings.max_bad_fraction:.1%} threshold; nothing was written. Reasons: {one_line(str(report.reasons))}"
         )
     report.duplicates = items.height - items["item_id"].n_unique()
-    existing = pl.read_parquet(lake.items_file) if lake.items_file.exists() else None
+    existing = lake.read_items() if lake.has_items() else None
     merged = merge_items(existing, items)
     report.valid = items.height - report.duplicates
-    if existing is None or not merged.equals(merge_items(None, existing)):
-        _change_catalogue(lake, lambda: atomic.write_parquet_atomic(merged.to_arrow().cast(ITEMS), lake.items_file))
+    changed = _changed_items(merged, existing)
+    if existing is None or not changed.is_empty():
+        _change_catalogue(lake, lambda: lake.upsert_items(changed))  # one merge commit of the changed items
     if rejected.height:
         lake.append_quarantine(now.date(), rejected, f"items-{_batch_id(source, rejected)}")
     return report
@@ -570,8 +580,17 @@ def ingest_users_frame(lake: Lake, frame: pl.LazyFrame, source: str) -> IngestRe
         )
     users = users.sort("user_id")
     if existing is None or not users.equals(existing.sort("user_id")):
-        _change_catalogue(lake, lambda: atomic.write_parquet_atomic(users.to_arrow(), lake.users_file))
+        _change_catalogue(lake, lambda: lake.write_users(users))
     return IngestReport(source=source, rows=users.height, valid=users.height)
+
+
+def _changed_items(merged: pl.DataFrame, existing: pl.DataFrame | None) -> pl.DataFrame:
+    """The rows of ``merged`` that are new or differ from the lake's: what the upsert must write."""
+    if existing is None:
+        return merged
+    row_hash = pl.struct(pl.all()).hash().alias("_row")
+    old = merge_items(None, existing).select("item_id", row_hash)
+    return merged.with_columns(row_hash).join(old, on=["item_id", "_row"], how="anti").drop("_row")
 
 
 def _change_catalogue(lake: Lake, write) -> None:

@@ -18,18 +18,16 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from nightrec.model.reasons import ReasonSpace
 from nightrec.shards import shard_bounds
-from nightrec.storage import atomic
 from nightrec.storage.schemas import RECOMMENDATIONS
 from nightrec.storage.vectors import ServedVectors
 from nightrec.tasks.index import ItemIndex, load_index
@@ -128,25 +126,6 @@ def build_lists(
         )
         if progress is not None:  # a nightrec.logs.Progress counting users
             progress.update(stop - start)
-
-
-def write_list_part(batches: Iterable[pa.RecordBatch], path: Path) -> int:
-    """One user range's lists as a Parquet file (written whole or not at all); returns its row count.
-
-    A parallel publish writes one such part per range, then streams them in order into one atomic publication.
-    """
-    rows = 0
-    with atomic.staged_path(path) as tmp, pq.ParquetWriter(tmp, RECOMMENDATIONS, compression="zstd") as writer:
-        for batch in batches:
-            writer.write_batch(batch.select(RECOMMENDATIONS.names).cast(RECOMMENDATIONS))
-            rows += batch.num_rows
-    return rows
-
-
-def read_list_parts(paths: Iterable[Path]) -> Iterator[pa.RecordBatch]:
-    """The record batches of list parts, file after file: memory stays bounded by one batch."""
-    for path in paths:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=65_536)
 
 
 def top_k_unseen(

@@ -103,6 +103,21 @@ def lists(lake: Lake, day) -> pl.DataFrame:
     return pl.from_arrow(publication.read_day(lake, day)).select(LIST_COLUMNS).sort("user_id", "rank")
 
 
+def uncommitted(lake: Lake, table: str) -> list[Path]:
+    """Files in a local table's folder that its log does not name: parts of a killed writer, invisible to readers
+    and deleted by VACUUM once older than the retention."""
+    from nightrec.storage import delta
+
+    folder = Path(lake.table_uri(table))
+    opened = delta.open_table(str(folder))
+    named = set(delta.file_sizes(opened)) if opened is not None else set()
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and "_delta_log" not in p.parts and str(p.relative_to(folder)) not in named
+    )
+
+
 def leftovers(root: Path) -> list[Path]:
     """Files or folders a killed writer leaves: staging folders, trash, temporary files."""
     return sorted(p for p in root.rglob("*") if p.name.startswith((".staging-", ".trash-")) or p.name.endswith(".tmp"))

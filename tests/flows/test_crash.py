@@ -1,10 +1,11 @@
 """SIGKILL the nightly at every stage boundary and inside the publication, then check what a reader and a re-run see.
 
-Night D1 is published first, so ``LATEST`` exists. For each kill point, ``nightrec nightly --date D2`` runs in its own
-process group with the failpoint armed (nightrec/storage/failpoints.py); when it reaches the point the test kills the
-group with SIGKILL. Then: ``LATEST`` names a complete publication that verifies (sha256 included) and reads; no
-partial D2 partition is visible; the events lake verifies. Then D2 is run again to completion and its lists are
-compared with those of an uninterrupted run of D2 in another home on the same data.
+Night D1 is published first. For each kill point, ``nightrec nightly --date D2`` runs in its own process group with
+the failpoint armed (nightrec/storage/failpoints.py); when it reaches the point the test kills the group with SIGKILL.
+Then: the newest run date of the recommendations table is a complete publication that verifies (page checksums
+included) and reads; D2 is not a run date until its commit; D1's files are untouched; the events table verifies.
+Then D2 is run again to completion and its lists are compared with those of an uninterrupted run of D2 in another
+home on the same data.
 """
 
 from __future__ import annotations
@@ -32,17 +33,17 @@ pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
 # In the order the night reaches them. The value says whether the D2 partition is complete on disk when killed.
 KILL_POINTS = {
-    "ingest:mid-merge": False,  # some events days rewritten, others not, the ingest staging folder still there
+    "ingest:mid-merge": False,  # some events days written as parts, nothing committed, the ingest staging folder left
     "after:ingest": False,
     "after:embed-items": False,
     "after:embed-users": False,
     "after:train": False,
     "after:evaluate-and-gate": False,  # a model version registered (and maybe promoted) by a run that dies
     "after:compress-and-index": False,
-    "publish:mid-write": False,  # rows written into the staging file, no Parquet footer yet
-    "publish:before-swap": False,  # complete staging folder, not renamed into place
-    "publish:before-latest": True,  # D2 renamed into place, LATEST still on D1
-    "after:publish": True,  # LATEST on D2, the MLflow run and the Prefect flow run not closed
+    "publish:mid-write": False,  # rows streamed into an uncommitted part, no Parquet footer yet
+    "publish:before-swap": False,  # complete, checked parts in the table folder, not committed
+    "publish:after-commit": True,  # D2 committed (the newest run date), retention not applied, stage not closed
+    "after:publish": True,  # D2 published, the MLflow run and the Prefect flow run not closed
 }
 
 
@@ -93,9 +94,10 @@ def _model_cache() -> tuple[str, ...]:
 SCENARIOS = [
     ("ingest:mid-merge", "after:ingest", "after:embed-items", "after:embed-users", "after:train"),
     ("after:evaluate-and-gate", "after:compress-and-index"),
-    ("publish:mid-write", "publish:before-swap", "publish:before-latest", "after:publish"),
+    ("publish:mid-write", "publish:before-swap", "publish:after-commit", "after:publish"),
 ]
-LEAVES_STAGING = {"ingest:mid-merge", "publish:mid-write", "publish:before-swap"}
+LEAVES_STAGING = {"ingest:mid-merge"}  # a local staging folder; the publication's torn parts are uncommitted files
+LEAVES_ORPHANS = {"publish:mid-write", "publish:before-swap"}
 
 
 @pytest.mark.parametrize("points", SCENARIOS, ids=["early-stages", "model-stages", "publication"])
@@ -110,15 +112,15 @@ def test_kill_then_rerun(bench, points, tmp_path, monkeypatch):
         _kill_at(point, tmp_path / failpoints.file_stem(point))
         # What a reader sees after the kill.
         complete_d2 = KILL_POINTS[point]
-        pointer, table = publication.read_latest(lake)  # verifies the file against its manifest (sha256)
-        assert pointer["date"] == (D2 if point == "after:publish" else D1).isoformat()
+        pointer, table = publication.read_latest(lake)  # checks the files against the log (size, footer rows)
+        assert pointer["date"] == (D2 if complete_d2 else D1).isoformat()
         assert table.num_rows > 0
         assert tree_digest(lake.recommendations_partition(D1)) == d1_bytes, "the D1 publication changed"
         if complete_d2:
             publication.verify_partition(lake, D2, deep=True)
-        else:
-            assert not lake.recommendations_partition(D2).exists(), "a partial D2 partition is visible"
-        assert lake.published_dates() == ([D1, D2] if complete_d2 else [D1])
+        if point in LEAVES_ORPHANS:
+            assert processes.uncommitted(lake, "recommendations"), "expected the killed writer's uncommitted part"
+        assert lake.published_dates() == ([D1, D2] if complete_d2 else [D1]), "D2 visible before its commit"
         lake.verify_events(deep=True)
         if point in LEAVES_STAGING:
             assert processes.leftovers(lake.root), "expected the killed writer's staging folder"

@@ -1,14 +1,17 @@
 """Scale-out: the embedding and publish stages as shard tasks on a local Ray cluster give the local runner's output.
 
-Two homes get the same demo data; one night runs with the default local runner (one shard, in the flow's process),
-the other with ``task_runner=ray`` and two shards (item chunks, user ranges) on a two-CPU local Ray instance, both
-through the real Prefect server. Vectors and lists must not depend on where or in how many shards they were made.
+Two homes get the same demo data; one night runs with the default local runner (one shard, in the flow's process) on
+a local lake, the other with ``task_runner=ray`` and two shards (item chunks, user ranges) on a two-CPU local Ray
+instance, with its lake on an S3-compatible server (moto, its own process on 127.0.0.1): the Ray workers write their
+list parts straight to the store and the flow commits them once. Both go through the real Prefect server. Vectors and
+lists must not depend on where, in how many shards, or on which store they were made.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import uuid
 
 import numpy as np
 import polars as pl
@@ -22,7 +25,7 @@ from nightrec.flows.scaleout import worker_environment
 from nightrec.settings import Settings
 from nightrec.shards import shard_bounds
 from nightrec.sources.demo import DemoSpec
-from nightrec.storage import publication
+from nightrec.storage import delta, publication
 from nightrec.storage.lake import Lake
 from nightrec.tasks.embed import chunk_rows
 from tests.flows.conftest import FIRST_NIGHT, SMALL, demo_home
@@ -61,7 +64,7 @@ def test_workers_read_back_the_flows_settings(tmp_path, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     worker_settings = Settings()
-    assert worker_settings.model_dump() == {**flow_settings.model_dump(), "lake": flow_settings.lake_root}
+    assert worker_settings.model_dump() == {**flow_settings.model_dump(), "lake": str(flow_settings.lake_root)}
     assert worker_settings.home == tmp_path / "relative-home" and worker_settings.event_columns["user_id"] == "customer"
 
 
@@ -80,6 +83,7 @@ def run_night(root, **env) -> dict:
         settings = Settings()
         lake = Lake(settings.lake_root)
         _, table = publication.read_latest(lake)
+        commits = delta.open_table(lake.recommendations_uri, lake.storage_options).history()
         item_ids = sorted(lake.read_items()["item_id"].to_list())
         users = embed.load_user_embeddings(lake, settings, FIRST_NIGHT)
         parent = MlflowClient(settings.tracking_uri).get_run(summary["mlflow_run_id"])
@@ -90,17 +94,27 @@ def run_night(root, **env) -> dict:
             "items": embed.load_item_embeddings(lake, settings, item_ids),
             "users": np.stack([users[u] for u in sorted(users)]),
             "user_ids": sorted(users),
+            "publishes": [c for c in commits if c.get("nightrec.run_date") == FIRST_NIGHT.isoformat()],
         }
 
 
 @pytest.fixture(scope="module")
 def nights(prefect_server, tmp_path_factory):
-    # Small enough for a 2-core CI machine; the night connects to it instead of starting its own.
-    ray.init(num_cpus=2, include_dashboard=False, namespace="nightrec-tests")
-    try:
-        scaled = run_night(tmp_path_factory.mktemp("ray"), NIGHTREC_TASK_RUNNER="ray", NIGHTREC_SHARDS="2")
-    finally:
-        ray.shutdown()
+    from tests.s3server import create_bucket, list_keys, moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as s3:
+        create_bucket(s3, "nightrec-ray")
+        # Small enough for a 2-core CI machine; the night connects to it instead of starting its own. The workers
+        # get the AWS_* variables from the flow (scaleout.worker_environment).
+        ray.init(num_cpus=2, include_dashboard=False, namespace="nightrec-tests")
+        try:
+            # A fresh prefix: the lake's local caches are keyed by its URI.
+            prefix = f"lake-{uuid.uuid4().hex[:8]}"
+            store = {**s3, "NIGHTREC_LAKE": f"s3://nightrec-ray/{prefix}"}
+            scaled = run_night(tmp_path_factory.mktemp("ray"), NIGHTREC_TASK_RUNNER="ray", NIGHTREC_SHARDS="2", **store)
+        finally:
+            ray.shutdown()
+        scaled["keys"] = list_keys(s3, "nightrec-ray", f"{prefix}/recommendations/")
     local = run_night(tmp_path_factory.mktemp("local"))
     return local, scaled
 
@@ -128,6 +142,15 @@ def test_prefect_records_one_task_run_per_shard(nights):
     for stage in ("embed-items", "embed-users", "publish"):
         for shard in (0, 1):
             assert states.get(f"{stage}-{shard}-of-2") == "COMPLETED", states
+
+
+@pytest.mark.prefect
+@pytest.mark.slow
+def test_the_shards_wrote_their_parts_to_the_store_and_the_flow_committed_once(nights):
+    _, scaled = nights
+    parts = [k for k in scaled["keys"] if f"run_date={FIRST_NIGHT.isoformat()}/part-" in k]
+    assert sorted(k.split("/part-")[1][:14] for k in parts) == ["00000-of-00002", "00001-of-00002"], parts
+    assert len(scaled["publishes"]) == 1  # one commit for the night, both shards' parts in it
 
 
 @pytest.mark.prefect

@@ -1,21 +1,19 @@
-"""Lake: paths never leave the lake, and a truncated or altered events partition is caught naming the file."""
+"""Lake: paths never leave the lake, a day is replaced in one commit, and a damaged events file is caught naming it."""
 
 from __future__ import annotations
 
 import ast
 import datetime as dt
-import json
 import os
 from pathlib import Path
 
 import polars as pl
-import pyarrow.parquet as pq
 import pytest
 from prefect.cache_policies import NO_CACHE
 
 from nightrec.settings import Settings
-from nightrec.storage import atomic
-from nightrec.storage.lake import MANIFEST_FILE, PART_FILE, CorruptPartitionError, Lake, UnsafePathError
+from nightrec.storage import atomic, delta
+from nightrec.storage.lake import CorruptPartitionError, Lake, UnsafePathError
 from nightrec.tasks import ingest
 from tests.conftest import REPO, tree_digest
 
@@ -92,9 +90,13 @@ def test_hostile_ids_stay_data_and_never_become_paths(tmp_path):
     landed = set(lake.scan_events().collect()["user_id"].to_list())
     assert "../../etc/passwd" in landed and "/etc/shadow" in landed
     files = {str(p.relative_to(lake.root)) for p in lake.root.rglob("*") if p.is_file()} - {".reads.lock"}
-    assert files <= {f"events/date=2026-11-20/{PART_FILE}", f"events/date=2026-11-20/{MANIFEST_FILE}"} | {
-        f for f in files if f.startswith("quarantine/date=2026-11-22/part-events-")
-    }
+    allowed = (
+        "events/_delta_log/",
+        "events/date=2026-11-20/part-",
+        "quarantine/_delta_log/",
+        "quarantine/date=2026-11-22/",
+    )
+    assert files and all(f.startswith(allowed) for f in files), files
 
 
 def test_no_pickle_loading_in_the_package():
@@ -173,23 +175,52 @@ def test_the_prefect_defaults_we_configure_do_not_pickle(home):
 
 
 # --- integrity ----------------------------------------------------------------------------------------------------
-def test_a_partition_is_published_with_its_manifest(lake):
+def _day_files(lake: Lake, day: dt.date) -> list[Path]:
+    return sorted(lake.events_partition(day).glob("part-*.parquet"))
+
+
+def test_a_day_is_written_as_one_commit_of_one_file(lake):
     lake.write_events_partition(DAY, events(50))
-    folder = lake.events_partition(DAY)
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    assert manifest["rows"] == 50 and manifest["bytes"] == (folder / PART_FILE).stat().st_size
-    assert manifest["sha256"] == atomic.sha256_file(folder / PART_FILE)
-    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST_FILE, PART_FILE]
-    assert not [p for p in lake.events_dir.iterdir() if p.name.startswith(".")], "staging left behind"
+    table = delta.open_table(lake.events_uri)
+    assert table.version() == 1  # 0 created the table with its schema version
+    assert delta.schema_version(table) == 1
     assert lake.scan_events().collect().height == 50
-    assert lake.verify_events(deep=True) == [folder / PART_FILE]
+    assert lake.verify_events(deep=True) == [
+        f"{lake.events_uri}/{_day_files(lake, DAY)[0].relative_to(lake.events_dir)}"
+    ]
+    assert not [p for p in lake.root.iterdir() if p.name.startswith(".staging")], "staging left behind"
 
 
-def test_rewriting_a_partition_replaces_file_and_manifest_together(lake):
-    lake.write_events_partition(DAY, events(50))
+def test_a_reingest_of_a_day_leaves_exactly_that_days_rows_once(tmp_path, lake):
+    """Through the ingest: the same file twice, then a file overlapping it and reaching into the next day."""
+    settings = Settings(home=tmp_path / "home")
+    header = "user_id,item_id,timestamp,event_type,value\n"
+    first = tmp_path / "a.csv"
+    first.write_text(header + "u1,i1,2026-11-20T10:00:00Z,view,\nu2,i2,2026-11-20T11:00:00Z,view,\n")
+    second = tmp_path / "b.csv"
+    second.write_text(header + "u2,i2,2026-11-20T11:00:00Z,view,\nu3,i3,2026-11-21T09:00:00Z,view,\n")
+    ingest.ingest_events_file(lake, first, settings, now=NOW)
+    version = delta.open_table(lake.events_uri).version()
+    ingest.ingest_events_file(lake, first, settings, now=NOW)
+    assert delta.open_table(lake.events_uri).version() == version, "an unchanged day was rewritten"
+    ingest.ingest_events_file(lake, second, settings, now=NOW)
+    table = delta.open_table(lake.events_uri)
+    assert table.version() == version + 1, "both days of one file land in ONE commit"
+    assert table.history(1)[0]["operationParameters"]["mode"] == "Overwrite"
+    rows = lake.scan_events().collect().sort("user_id")
+    assert rows.select("user_id", "date").rows() == [("u1", DAY), ("u2", DAY), ("u3", DAY + dt.timedelta(days=1))]
+    assert len(_day_files(lake, DAY)) >= 1 and len(lake.verify_events()) == 2  # one live file per day
+
+
+def test_rewriting_a_day_replaces_it_and_leaves_the_other_days(lake):
+    other = DAY + dt.timedelta(days=1)
+    lake.write_events_days([(DAY, events(50)), (other, events(5, other))])
     lake.write_events_partition(DAY, events(20))
-    assert lake.scan_events().collect().height == 20
-    assert json.loads((lake.events_partition(DAY) / MANIFEST_FILE).read_text())["rows"] == 20
+    assert lake.read_events_partition(DAY).height == 20
+    assert lake.read_events_partition(other).height == 5
+    # Time travel: the version before the rewrite still has the old day (until VACUUM removes it).
+    old = delta.open_table(lake.events_uri, version=1)
+    assert pl.read_delta(old).filter(pl.col("date") == DAY).height == 50
 
 
 def _truncate(path: Path) -> None:
@@ -203,33 +234,33 @@ def _flip_a_byte_in_the_middle(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _replace_with_another_valid_file(path: Path) -> None:
-    pq.write_table(events(3).to_arrow(), path)  # a well-formed Parquet file that is not the one published
-
-
 def _drop_the_footer_magic(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:-4] + b"XXXX")
 
 
+def _delete(path: Path) -> None:
+    path.unlink()
+
+
 @pytest.mark.parametrize(
     ("damage", "message", "cheap"),
     [
-        (_truncate, "truncated or corrupted Parquet", True),
-        (_drop_the_footer_magic, "truncated or corrupted Parquet", True),
-        (_replace_with_another_valid_file, "does not match its manifest", True),
-        (_flip_a_byte_in_the_middle, "sha256 differs from its manifest", False),
+        (_truncate, "truncated or replaced", True),
+        (_delete, "missing", True),
+        (_drop_the_footer_magic, "corrupted Parquet", True),
+        (_flip_a_byte_in_the_middle, "corrupted Parquet", False),
     ],
 )
-def test_damaged_partitions_are_named_when_read(lake, damage, message, cheap):
-    lake.write_events_partition(DAY, events(500))
+def test_damaged_files_are_named_when_read(lake, damage, message, cheap):
+    lake.write_events_partition(DAY, events(5000))
     lake.write_events_partition(DAY + dt.timedelta(days=1), events(5, DAY + dt.timedelta(days=1)))
-    damaged = lake.events_partition(DAY) / PART_FILE
+    damaged = _day_files(lake, DAY)[0]
     damage(damaged)
     with pytest.raises(CorruptPartitionError, match=message) as err:
         lake.verify_events(deep=True)
-    assert str(damaged) in str(err.value)
-    if cheap:  # footer, rows and size are checked on every scan; the full hash only by verify_events
+    assert damaged.name in str(err.value)
+    if cheap:  # size, footer and rows are checked on every scan; every page's checksum only by verify_events
         with pytest.raises(CorruptPartitionError, match=message):
             lake.scan_events()
         with pytest.raises(CorruptPartitionError):
@@ -238,46 +269,45 @@ def test_damaged_partitions_are_named_when_read(lake, damage, message, cheap):
     assert lake.scan_events(since=DAY + dt.timedelta(days=1)).collect().height == 5
 
 
-def test_ingest_refuses_to_merge_into_a_damaged_partition_and_writes_nothing(tmp_path, lake):
+def test_ingest_refuses_to_merge_into_a_damaged_day_and_commits_nothing(tmp_path, lake):
     settings = Settings(home=tmp_path / "home", max_bad_fraction=1.0)
     lake.write_events_partition(DAY, events(100))
-    _truncate(lake.events_partition(DAY) / PART_FILE)
-    before = tree_digest(lake.root)
+    damaged = _day_files(lake, DAY)[0]
+    _truncate(damaged)
+    before = tree_digest(lake.events_dir / "_delta_log")
     path = tmp_path / "e.csv"
     path.write_text("user_id,item_id,timestamp\nu1,i1,2026-11-20T10:00:00Z\n")
-    with pytest.raises(CorruptPartitionError, match=str(lake.events_partition(DAY) / PART_FILE)):
+    with pytest.raises(CorruptPartitionError, match=damaged.name):
         ingest.ingest_events_file(lake, path, settings, now=NOW)
-    assert tree_digest(lake.root) == before
+    assert tree_digest(lake.events_dir / "_delta_log") == before
 
 
-def test_partitions_written_without_a_manifest_still_read(lake):
-    """Files written directly (older lakes, tests) get the footer check only."""
-    atomic.write_parquet_atomic(events(7).to_arrow(), lake.events_partition(DAY) / PART_FILE)
-    assert lake.scan_events().collect().height == 7
-    _truncate(lake.events_partition(DAY) / PART_FILE)
-    with pytest.raises(CorruptPartitionError, match="truncated"):
-        lake.scan_events()
-
-
-def test_an_unreadable_manifest_is_named(lake):
-    lake.write_events_partition(DAY, events(5))
-    (lake.events_partition(DAY) / MANIFEST_FILE).write_text("{not json")
-    with pytest.raises(CorruptPartitionError, match="unreadable manifest"):
-        lake.scan_events()
-
-
-def test_a_crash_before_the_swap_leaves_the_old_partition(lake, monkeypatch):
+def test_a_crash_before_the_commit_leaves_the_old_day(lake, monkeypatch):
     lake.write_events_partition(DAY, events(10))
-    before = tree_digest(lake.root)
+    before = tree_digest(lake.events_dir / "_delta_log")
 
     def crash(*_args, **_kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(atomic, "replace_dir", crash)
+    monkeypatch.setattr(delta, "commit_parts", crash)
     with pytest.raises(OSError, match="disk full"):
         lake.write_events_partition(DAY, events(99))
-    assert tree_digest(lake.root) == before
+    assert tree_digest(lake.events_dir / "_delta_log") == before
     assert lake.scan_events().collect().height == 10
+
+
+def test_quarantine_keeps_every_source_column_reason_and_file_once_per_batch(lake):
+    rows = pl.DataFrame({"user_id": ["u1"], "when": ["yesterday"], "reason": ["bad"], "source_file": ["a.csv"]})
+    lake.append_quarantine(DAY, rows, "events-1")
+    lake.append_quarantine(DAY, rows, "events-1")  # a re-ingest of the same batch
+    other = pl.DataFrame({"item_id": ["i1"], "reason": ["worse"], "source_file": ["b.csv"]})
+    lake.append_quarantine(DAY, other, "items-2")
+    found = lake.read_quarantine().sort("batch_id")
+    assert found.select("reason", "source_file", "batch_id").rows() == [
+        ("bad", "a.csv", "events-1"),
+        ("worse", "b.csv", "items-2"),
+    ]
+    assert found["when"].to_list() == ["yesterday", None] and found["item_id"].to_list() == [None, "i1"]
 
 
 def test_sha256_file_matches_hashlib(tmp_path):

@@ -1,4 +1,5 @@
-"""Atomic publication: LATEST moves only after a complete partition; crashes and corruption leave readers safe."""
+"""Publication as Delta commits: one commit per night, the newest run date is what readers get, crashes and damage
+leave readers safe, retention expires old nights."""
 
 from __future__ import annotations
 
@@ -8,14 +9,16 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from nightrec.storage import publication
+from nightrec.storage import delta, publication
 from nightrec.storage.lake import CorruptPartitionError, Lake
-from nightrec.storage.schemas import REASON, RECOMMENDATIONS
+from nightrec.storage.schemas import RECOMMENDATIONS, RECOMMENDATIONS_TABLE
 
 DAY1, DAY2 = dt.date(2026, 3, 1), dt.date(2026, 3, 2)
 
@@ -36,29 +39,55 @@ def lists(day: dt.date, users: list[str], k: int = 3, version: str = "1") -> pa.
     )
 
 
+def _parts(lake: Lake, day: dt.date) -> list[Path]:
+    return sorted(lake.recommendations_partition(day).glob("part-*.parquet"))
+
+
 def test_publish_then_read(tmp_path):
     lake = Lake(tmp_path / "lake")
-    stats = publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"]), lists(DAY1, ["c"])], {"model_version": "1"})
-    assert stats["rows"] == 9 and stats["users"] == 3 and stats["latest"]
-    pointer, table = publication.read_latest(lake)
-    assert pointer["date"] == "2026-03-01" and table.num_rows == 9
-    assert table.schema.field("reasons").type == pa.list_(REASON)
+    pointer = {"mlflow_run_id": "run-1", "model_version": "1"}
+    stats = publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"]), lists(DAY1, ["c"])], pointer)
+    assert (stats["rows"], stats["users"], stats["latest"]) == (9, 3, True)
+    newest, table = publication.read_latest(lake)
+    assert newest == {"date": "2026-03-01", "mlflow_run_id": "run-1", "model_version": "1", "table_version": 1}
+    assert table.num_rows == 9 and table.schema.equals(RECOMMENDATIONS_TABLE.schema)
+    assert set(table["mlflow_run_id"].to_pylist()) == {"run-1"}
+    commit = delta.open_table(lake.recommendations_uri).history(1)[0]
+    assert (commit["nightrec.mlflow_run_id"], commit["nightrec.run_date"], commit["nightrec.rows"]) == (
+        "run-1",
+        "2026-03-01",
+        "9",
+    )
     frame = publication.read_user_list(lake, "b")
-    assert frame["rank"].to_list() == [1, 2, 3] and frame["user_id"].unique().to_list() == ["b"]
+    assert frame["rank"].to_list() == [1, 2, 3] and frame["item_id"].to_list() == ["item1", "item2", "item3"]
     assert publication.read_user_list(lake, "nobody").is_empty()
 
 
-def test_backfill_of_an_older_date_does_not_move_latest(tmp_path):
+def test_a_publish_is_one_commit_replacing_only_its_run_date(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"])], {"model_version": "1"})
+    publication.publish(lake, DAY2, [lists(DAY2, ["a"])], {"model_version": "1"})
+    before = delta.open_table(lake.recommendations_uri).version()
+    publication.publish(lake, DAY2, [lists(DAY2, ["x", "y", "z"], version="2")], {"model_version": "2"})
+    assert delta.open_table(lake.recommendations_uri).version() == before + 1
+    assert publication.read_day(lake, DAY1).num_rows == 6  # the other date is untouched
+    assert publication.read_day(lake, DAY2).num_rows == 9
+    assert publication.read_day(lake, DAY2, version=before).num_rows == 3  # yesterday's table, by version
+
+
+def test_backfill_of_an_older_date_does_not_change_the_newest(tmp_path):
     lake = Lake(tmp_path / "lake")
     publication.publish(lake, DAY2, [lists(DAY2, ["a"])], {"model_version": "2"})
     stats = publication.publish(lake, DAY1, [lists(DAY1, ["a"])], {"model_version": "1"})
     assert not stats["latest"] and lake.read_latest_pointer()["date"] == "2026-03-02"
     assert publication.read_user_list(lake, "a", DAY1)["run_date"].to_list()[0] == DAY1
+    assert lake.published_dates() == [DAY1, DAY2]
 
 
 def test_exception_mid_write_leaves_previous_lists(tmp_path):
     lake = Lake(tmp_path / "lake")
     publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"])], {"model_version": "1"})
+    version = delta.open_table(lake.recommendations_uri).version()
 
     def failing():
         yield lists(DAY2, ["a"], version="2")
@@ -68,8 +97,8 @@ def test_exception_mid_write_leaves_previous_lists(tmp_path):
         publication.publish(lake, DAY2, failing(), {"model_version": "2"})
     pointer, table = publication.read_latest(lake)
     assert pointer["date"] == "2026-03-01" and table.num_rows == 6
-    assert not lake.recommendations_partition(DAY2).exists()
-    assert not [p for p in lake.recommendations_dir.iterdir() if p.name.startswith(".staging")]
+    assert delta.open_table(lake.recommendations_uri).version() == version, "nothing was committed"
+    assert _parts(lake, DAY2) == [], "the half-written part was not removed"
 
 
 def test_sigkill_mid_write_leaves_previous_lists_readable(tmp_path):
@@ -77,7 +106,7 @@ def test_sigkill_mid_write_leaves_previous_lists_readable(tmp_path):
     publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"])], {"model_version": "1"})
     publication.publish(lake, DAY2, [lists(DAY2, ["a", "b"], version="2")], {"model_version": "2"})
     marker = tmp_path / "half-written"
-    # Re-publish DAY2 (the date LATEST names) and die mid-stream: the old DAY2 lists must survive intact.
+    # Re-publish DAY2 (the newest date) and die mid-stream: the old DAY2 lists must survive intact.
     script = textwrap.dedent(
         f"""
         import datetime as dt, pathlib, time
@@ -105,33 +134,38 @@ def test_sigkill_mid_write_leaves_previous_lists_readable(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert [p for p in lake.recommendations_dir.iterdir() if p.name.startswith(".staging")], "no half-written staging"
+    named = set(delta.file_sizes(delta.open_table(lake.recommendations_uri)))
+    on_disk = {
+        str(p.relative_to(lake.root / "recommendations")) for p in lake.recommendations_partition(DAY2).iterdir()
+    }
+    assert on_disk - named, "expected the killed writer's torn part: on disk, named by no commit"
     pointer, table = publication.read_latest(lake)
-    assert pointer == {"date": "2026-03-02", "model_version": "2"}
+    assert (pointer["date"], pointer["model_version"]) == ("2026-03-02", "2")
     assert table.num_rows == 6 and set(table["model_version"].to_pylist()) == {"2"}
+    publication.verify_partition(lake, DAY2, deep=True)  # the torn orphan is no file of the table
     publication.publish(lake, DAY2, [lists(DAY2, ["z"], version="4")], {"model_version": "4"})
-    assert not [p for p in lake.recommendations_dir.iterdir() if p.name.startswith(".staging")]
     assert publication.read_latest(lake)[0]["model_version"] == "4"
 
 
 def test_truncated_or_altered_file_raises_naming_it(tmp_path):
     lake = Lake(tmp_path / "lake")
     publication.publish(lake, DAY1, [lists(DAY1, ["a", "b"])], {"model_version": "1"})
-    path = publication.partition_file(lake, DAY1)
+    (path,) = _parts(lake, DAY1)
     data = bytearray(path.read_bytes())
-    data[40] ^= 0xFF  # inside the first data page: same size, different bytes: only the checksum can tell
+    data[40] ^= 0xFF  # inside the first data page: same size, different bytes: only the page checksum can tell
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptPartitionError, match="sha256") as err:
-        publication.read_user_list(lake, "a")
-    assert str(path) in str(err.value)
+    with pytest.raises(CorruptPartitionError, match="corrupted Parquet") as err:
+        publication.verify_partition(lake, DAY1, deep=True)
+    assert path.name in str(err.value)
     path.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(CorruptPartitionError, match="part-0.parquet"):
+    with pytest.raises(CorruptPartitionError, match=path.name):
         publication.read_latest(lake)
 
 
 def test_nothing_published(tmp_path):
     with pytest.raises(publication.NothingPublishedError):
         publication.read_latest(Lake(tmp_path / "lake"))
+    assert Lake(tmp_path / "lake").read_latest_pointer() is None
 
 
 def test_latest_head_returns_whole_lists_of_the_first_users(tmp_path):
@@ -141,7 +175,7 @@ def test_latest_head_returns_whole_lists_of_the_first_users(tmp_path):
     publication.publish(lake, day, [lists(day, users[:1500], k=7), lists(day, users[1500:], k=7)], {"date": ""})
     _, head = publication.read_latest_head(lake, 4)
     assert sorted(set(head["user_id"].to_pylist())) == users[:4]
-    assert head.num_rows == 4 * 7 and head.schema.equals(RECOMMENDATIONS)
+    assert head.num_rows == 4 * 7 and head.schema.equals(RECOMMENDATIONS_TABLE.schema)
     _, everything = publication.read_latest_head(lake, 10_000)
     assert everything.num_rows == 3000 * 7
 
@@ -152,50 +186,93 @@ def test_failing_check_publishes_nothing_and_keeps_previous_lists(tmp_path):
     publication.publish(lake, DAY2, [lists(DAY2, ["a", "b"])], {"model_version": "1"})
     checked = []
 
-    def refuse(path):
-        checked.append(publication.read_user_range(path, None, None).num_rows)
+    def refuse(parts):
+        checked.append(publication.read_user_range(parts, None, None).num_rows)
         raise ValueError("a seen item in a list")
 
     with pytest.raises(ValueError, match="seen item"):  # a re-run of DAY2 whose lists break an invariant
         publication.publish(lake, DAY2, [lists(DAY2, ["a"], version="2")], {"model_version": "2"}, check=refuse)
-    assert checked == [3]  # the check saw the new file, before the swap
+    assert checked == [3]  # the check saw the new file, before the commit
     pointer, table = publication.read_latest(lake)
     assert pointer["date"] == "2026-03-02" and table.num_rows == 6  # the earlier DAY2 lists, untouched
     assert set(table["model_version"].to_pylist()) == {"1"}
-    assert not [p for p in lake.recommendations_dir.iterdir() if p.name.startswith(".staging")]
 
 
 def test_user_range_reads_only_that_range(tmp_path, monkeypatch):
-    monkeypatch.setattr(publication, "ROW_GROUP_ROWS", 30)  # ten users per row group
+    monkeypatch.setattr(delta.PartWriter, "ROW_GROUP_ROWS", 30)  # ten users per row group
     lake = Lake(tmp_path / "lake")
     users = [f"u{i:03d}" for i in range(100)]
-    publication.publish(lake, DAY1, [lists(DAY1, users[i : i + 10]) for i in range(0, 100, 10)], {"date": ""})
-    path = publication.verify_partition(lake, DAY1)
-    middle = publication.read_user_range(path, "u020", "u035")
+    parts, rows, _ = publication.write_parts(
+        lake, DAY1, [lists(DAY1, users[i : i + 10]) for i in range(0, 100, 10)], {}
+    )
+    middle = publication.read_user_range(parts, "u020", "u035")
     assert sorted(set(middle["user_id"].to_pylist())) == users[20:35] and middle.num_rows == 15 * 3
-    assert publication.read_user_range(path, None, "u002").num_rows == 6
-    assert sorted(set(publication.read_user_range(path, "u098", None)["user_id"].to_pylist())) == ["u098", "u099"]
-    assert publication.read_user_range(path, None, None).num_rows == 300
+    assert publication.read_user_range(parts, None, "u002").num_rows == 6
+    assert sorted(set(publication.read_user_range(parts, "u098", None)["user_id"].to_pylist())) == ["u098", "u099"]
+    assert publication.read_user_range(parts, None, None).num_rows == rows == 300
 
 
-def test_a_dead_writers_staging_of_any_date_is_removed_and_a_live_ones_kept(tmp_path):
-    import fcntl
-
+def test_retention_drops_old_run_dates_and_vacuum_deletes_only_old_orphans(tmp_path):
     lake = Lake(tmp_path / "lake")
-    publication.publish(lake, DAY1, [lists(DAY1, ["a"])], {"model_version": "1"})
-    # a publication of another date killed before its swap (never run again), and one still writing
-    dead = lake.recommendations_dir / ".staging-date=2026-03-07-0a1b"
-    live = lake.recommendations_dir / ".staging-date=2026-03-09-2c3d"
-    for folder in (dead, live):
-        folder.mkdir()
-        (folder / "part-0.parquet").write_bytes(b"PAR1 torn")
-    holder = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    days = [dt.date(2026, 3, d) for d in range(1, 6)]
+    for day in days:
+        publication.publish(lake, day, [lists(day, ["a"])], {"model_version": "1"})
+    # Two orphans of killed writers: one three days old (dead for sure), one fresh (maybe a live writer's part).
+    old_orphan, fresh_orphan = (lake.recommendations_partition(days[-1]) / f"part-{n}.zstd.parquet" for n in "ab")
+    for orphan in (old_orphan, fresh_orphan):
+        orphan.write_bytes(b"PAR1 torn")
+    three_days_ago = time.time() - 3 * 86400
+    os.utime(old_orphan, (three_days_ago, three_days_ago))
+    stats = publication.publish(lake, days[-1], [lists(days[-1], ["b"])], {"model_version": "2"}, keep_nights=2)
+    assert stats["expired_run_dates"] == 3
+    assert lake.published_dates() == days[-2:]  # the newest and one night before it
+    assert not old_orphan.exists() and fresh_orphan.exists()
+    assert publication.read_day(lake, days[0], version=1).num_rows == 3  # an old version: until its files age out
+
+
+def test_concurrent_publishes_of_two_dates_both_commit(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    publication.publish(lake, DAY1, [lists(DAY1, ["seed"])], {"model_version": "0"})
+    errors: list[BaseException] = []
+
+    def run(day: dt.date, version: str) -> None:
+        try:
+            for _ in range(5):
+                publication.publish(Lake(lake.root), day, [lists(day, ["a", "b"], version=version)], {})
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(DAY1, "1")), threading.Thread(target=run, args=(DAY2, "2"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert lake.published_dates() == [DAY1, DAY2] and lake.read_latest_pointer()["date"] == "2026-03-02"
+    assert publication.read_day(lake, DAY1).num_rows == 6 and publication.read_day(lake, DAY2).num_rows == 6
+
+
+def test_a_reader_during_publishes_sees_one_whole_night(tmp_path):
+    """A reader loop while the newest date is re-published with other lists: every read is one night's lists."""
+    lake = Lake(tmp_path / "lake")
+    sizes = {str(v): 50 + 10 * v for v in range(8)}  # model version -> users of that publication
+    publication.publish(lake, DAY1, [lists(DAY1, [f"u{i}" for i in range(sizes["0"])], version="0")], {})
+    seen, stop = [], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            _, table = publication.read_latest(Lake(lake.root))
+            seen.append((tuple(sorted(set(table["model_version"].to_pylist()))), table.num_rows))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX)  # what a live publisher holds on its staging folder
-        publication.publish(lake, DAY2, [lists(DAY2, ["a"])], {"model_version": "2"})
-        assert not dead.exists() and (live / "part-0.parquet").exists()
+        for v in range(1, 8):
+            batches = [lists(DAY1, [f"u{i}" for i in range(sizes[str(v)])], version=str(v))]
+            publication.publish(lake, DAY1, batches, {"model_version": str(v)})
     finally:
-        os.close(holder)  # the writer dies: the kernel drops its lock
-    publication.publish(lake, DAY2, [lists(DAY2, ["b"])], {"model_version": "3"})
-    assert not [p for p in lake.recommendations_dir.iterdir() if p.name.startswith((".staging", ".creating"))]
-    assert publication.read_latest(lake)[0]["model_version"] == "3"
+        stop.set()
+        thread.join()
+    assert len(seen) > 3
+    for versions, rows in seen:
+        assert len(versions) == 1 and rows == 3 * sizes[versions[0]], (versions, rows)

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from nightrec.settings import Settings
-from nightrec.storage import atomic
 from nightrec.storage.lake import Lake
-from nightrec.storage.schemas import EVENTS, ITEMS
+from nightrec.storage.schemas import EVENTS
 from nightrec.tasks import embed
 
 TEXTS = [
@@ -168,7 +167,7 @@ def _items(n: int = 12) -> pl.DataFrame:
 
 
 def _write_items(lake: Lake, items: pl.DataFrame) -> None:
-    atomic.write_parquet_atomic(items.to_arrow().cast(ITEMS), lake.items_file)
+    lake.replace_items(items)
 
 
 def _write_events(lake: Lake, day: dt.date, rows: list[tuple[str, str, str]]) -> None:
@@ -194,7 +193,7 @@ def lake(tmp_path):
         lake, DAY1 - dt.timedelta(days=1), [("u1", "i01", "view"), ("u1", "i02", "like"), ("u2", "i03", "view")]
     )
     users = pl.DataFrame({"user_id": ["u1", "u2", "u3"], "age": ["34", "51", "19"], "country": ["US", "DE", "FR"]})
-    atomic.write_parquet_atomic(users.to_arrow(), lake.users_file)
+    lake.write_users(users)
     return lake
 
 
@@ -274,7 +273,7 @@ def test_users_recomputed_only_when_history_or_attributes_change(lake, settings)
     np.testing.assert_array_equal(vectors["u1"], day1["u1"])
     assert not np.allclose(vectors["u2"], day1["u2"])
     users = pl.DataFrame({"user_id": ["u1", "u2", "u3"], "age": ["35", "51", "19"], "country": ["US", "DE", "FR"]})
-    atomic.write_parquet_atomic(users.to_arrow(), lake.users_file)
+    lake.write_users(users)
     third = embed.embed_users(lake, settings, day2 + dt.timedelta(days=1))
     assert (third["embedded"], third["reused"]) == (1, 2)
     with pytest.raises(embed.MissingEmbeddingsError, match="2026-01-01"):

@@ -35,7 +35,7 @@ def write(tmp_path, name: str, text: str | bytes):
 
 
 def quarantine(lake: Lake) -> pl.DataFrame:
-    return pl.read_parquet(str(lake.quarantine_dir / "**" / "*.parquet"))
+    return lake.read_quarantine()
 
 
 @pytest.mark.parametrize(

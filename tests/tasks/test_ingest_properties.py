@@ -164,7 +164,7 @@ def check_ingest(path: Path, lake: Lake, cfg: Settings) -> ingest.IngestReport |
     assert_events_are_clean(events, cfg)
     assert not list(lake.root.rglob("*.tmp")) and not list(lake.root.rglob(".staging-*")), "staging left behind"
     if report.quarantined:
-        bad = pl.read_parquet(str(lake.quarantine_dir / "**" / "*.parquet"))
+        bad = lake.read_quarantine()
         assert bad.height == report.quarantined and bad["reason"].null_count() == 0
     return report
 
