@@ -98,15 +98,15 @@ def _check_night_inputs(settings: Settings) -> None:
     from nightrec.storage.lake import Lake
 
     lake = Lake(settings.lake_root)
-    if not lake.items_file.exists() and not settings.items_source:
+    if not lake.has_items() and not settings.items_source:
         raise _fail(
-            f"refused: no item catalogue in the lake ({lake.items_file}): run `nightrec ingest --items FILE` "
+            f"refused: no item catalogue in the lake ({lake.items_uri}): run `nightrec ingest --items FILE` "
             "first, or set NIGHTREC_ITEMS_SOURCE",
             REFUSED_EXIT,
         )
     if not lake.event_dates() and not settings.events_source:
         raise _fail(
-            f"refused: no events in the lake ({lake.events_dir}): run `nightrec ingest --events FILE` first, "
+            f"refused: no events in the lake ({lake.events_uri}): run `nightrec ingest --events FILE` first, "
             "or set NIGHTREC_EVENTS_SOURCE",
             REFUSED_EXIT,
         )

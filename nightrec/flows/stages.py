@@ -604,7 +604,7 @@ def publish_checked(
     item_ids: list[str],
 ) -> dict:
     """Write ``batches`` as the date's lists, read the written file back and check it, user range by user range,
-    and only then publish it (one atomic swap, then LATEST): lists that fail the checker are never published.
+    and only then publish it (one Delta commit): lists that fail the checker are never published.
 
     ``item_ids`` are the served items (what reasons can cite). Users whose history holds none of them get lists
     without reasons: counted (``users_without_reasons``) and logged, failing the night only above
