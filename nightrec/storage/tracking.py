@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -98,6 +99,17 @@ def find_parent_runs(client: MlflowClient, exp_id: str, run_date: dt.date) -> li
     )
 
 
+class _DropMessages(logging.Filter):
+    """Drops records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 def log_dataset(
     client: MlflowClient,
     run_ids: Sequence[str],
@@ -115,9 +127,16 @@ def log_dataset(
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    with warnings.catch_warnings():  # MLflow registers its local source type twice, then warns that it is ambiguous
-        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
-        described = mlflow.data.from_polars(frame, source=source, name=name).to_dict()
+    # MLflow's schema inference logs "Data type of Column 'date' ... mapped to DataType.datetime" on the root logger
+    # for every Date column, into the user's terminal: a note about its own schema type, not about the night
+    quiet = _DropMessages("Data type of Column")
+    logging.getLogger().addFilter(quiet)
+    try:
+        with warnings.catch_warnings():  # MLflow registers its local source type twice, then warns it is ambiguous
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            described = mlflow.data.from_polars(frame, source=source, name=name).to_dict()
+    finally:
+        logging.getLogger().removeFilter(quiet)
     merged = {**json.loads(described.get("profile") or "{}"), **dict(profile or {})}
     entity = Dataset(
         name=described["name"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 
 import polars as pl
 import pytest
@@ -104,3 +105,15 @@ def test_description_and_experiment_type(store, tmp_path):
     untyped = client.create_experiment("older", artifact_location=(tmp_path / "a").as_uri())
     assert tracking.experiment_id(client, "older", str(tmp_path / "a")) == untyped  # typed when next opened
     assert client.get_experiment(untyped).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_logging_a_dataset_with_a_date_column_prints_nothing_to_the_terminal(store, caplog):
+    """MLflow's schema inference logs a note per Date column on the root logger; the night's terminal stays clean
+    and the root logger is left as it was."""
+    client, exp = store
+    run = tracking.start_run(client, exp, "nightly")
+    filters_before = list(logging.getLogger().filters)
+    with caplog.at_level(logging.INFO):
+        tracking.log_dataset(client, (run,), _events(["u1"], dt.date(2026, 3, 1)), "events", "/lake", "training")
+    assert not [r for r in caplog.records if "Data type of Column" in r.getMessage()]
+    assert logging.getLogger().filters == filters_before
