@@ -46,7 +46,9 @@ def test_evaluate_without_implicit_is_refused_in_one_line(home, tmp_path, monkey
     from nightrec.flows.cli import app
     from tests.flows.test_offline import _amazon_folder
 
-    monkeypatch.setitem(sys.modules, "implicit", None)
+    # every implicit module, not just the package: an earlier test of the suite may have imported implicit.cpu.als
+    for name in [m for m in sys.modules if m == "implicit" or m.startswith("implicit.")] + ["implicit"]:
+        monkeypatch.setitem(sys.modules, name, None)
     folder = _amazon_folder(tmp_path / "tiny-shop")
     result = CliRunner().invoke(app, ["evaluate", "--dataset", str(folder), "--seeds", "1", "--epochs", "1"])
     assert result.exit_code == 2, result.output
