@@ -70,29 +70,26 @@ def moto_server(log: Path, timeout: float = 60.0) -> Iterator[dict[str, str]]:
         handle.close()
 
 
-def create_bucket(env: dict[str, str], bucket: str) -> None:
+def _client(env: dict[str, str]):
+    """A boto3 S3 client for the server ``env`` describes."""
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=env["AWS_ENDPOINT_URL"],
         aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env["AWS_REGION"],
     )
+
+
+def create_bucket(env: dict[str, str], bucket: str) -> None:
+    client = _client(env)
     client.create_bucket(Bucket=bucket)
 
 
 def list_keys(env: dict[str, str], bucket: str, prefix: str = "") -> list[str]:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_REGION"],
-    )
+    client = _client(env)
     keys, token = [], None
     while True:
         page = client.list_objects_v2(Bucket=bucket, Prefix=prefix, **({"ContinuationToken": token} if token else {}))
