@@ -7,11 +7,25 @@ those tables is regressed on the language-model text vectors of the trained item
 generalised cross-validation), and the new items get the prediction: an item whose text looks like a cluster of items
 gets that cluster's typical vectors, shrunk towards the average item where the text says little. The same idea as the
 "mapping" approaches to cold-start items (DeepMusic, DropoutNet's text path), done once per night in closed form.
+
+A regression shrinks towards the average item, and an average item is in nobody's top 20, so the filled items also
+get one score offset, calibrated on validation by :func:`calibrate_new_item_offset`: a seeded share of the trained
+items is made new (their tables predicted from text, their events removed from the inputs), and the offset that
+ranks the validation users' next items best, new and known together, is the one served.
 """
 
 from __future__ import annotations
 
+import copy
+from typing import TYPE_CHECKING
+
 import numpy as np
+import torch
+
+from nightrec.ranking import per_user_metrics, top_k_unseen
+
+if TYPE_CHECKING:
+    from nightrec.model.recommender import Recommender
 
 ALPHAS = np.logspace(-4, 2, 13)  # ridge strengths, relative to the text's largest squared singular value
 
@@ -64,3 +78,94 @@ def fill_rows(table: np.ndarray, text: np.ndarray, trained: np.ndarray, fill: np
     predicted = ridge_from_text(text, flat, fit)
     flat[fill] = predicted[fill].astype(table.dtype)
     return flat.reshape(table.shape)
+
+
+# Offsets tried for new items, in units of the median per-user standard deviation of the validation scores
+OFFSET_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+PSEUDO_NEW_SHARE = 0.1  # share of the trained items made new for the calibration
+OFFSET_MIN_ITEMS = 20  # fewer pseudo-new items than this: no offset (the validation says nothing)
+
+
+@torch.no_grad()
+def fill_new_items(recommender: Recommender, trained: np.ndarray) -> np.ndarray:
+    """Give the items with text and no training events every event-learned table predicted from their text: each
+    network's ID embeddings and bias (those items then count as known), the sequence part's embedding, the item-item
+    part's rows and the popularity count. Returns the filled item indices."""
+    text = recommender.item_text_vectors
+    fill = new_item_mask(trained, text)
+    if not fill.any():
+        return np.zeros(0, dtype=np.int64)
+    rows = np.flatnonzero(fill)
+    for model in recommender._models():
+        for table in (model.item_id, model.id_bias, model.history_id):
+            weight = table.weight.detach().numpy()
+            table.weight.copy_(torch.from_numpy(fill_rows(weight, text, trained, fill)))
+        model.known[torch.from_numpy(rows)] = True
+    if recommender.has_sequence:
+        sequence = recommender.sequence
+        vectors = sequence.net.items.weight[: sequence.n_items].detach().numpy()
+        sequence.set_item_rows(rows, fill_rows(vectors, text, trained, fill)[rows])
+    if recommender.has_item_item:
+        part = recommender.item_item
+        part.history = fill_rows(part.history, text, trained, fill)
+        part.items = fill_rows(part.items, text, trained, fill)
+    if recommender.popularity is not None:
+        predicted = fill_rows(recommender.popularity[:, None], text, trained, fill)[:, 0]
+        recommender.popularity = np.maximum(predicted, 0.0).astype(np.float32)
+    return rows
+
+
+def calibrate_new_item_offset(
+    recommender: Recommender,
+    trained: np.ndarray,
+    histories: list[np.ndarray],
+    targets: list[np.ndarray],
+    profiles: np.ndarray | None,
+    seed: int,
+    k: int = 10,
+    batch: int = 256,
+) -> tuple[float, dict]:
+    """The score offset for new items (absolute score units) and what the calibration saw.
+
+    A seeded :data:`PSEUDO_NEW_SHARE` of the ``trained`` items with text is filled from text in a copy of
+    ``recommender`` as if it were new, and removed from the validation ``histories`` (a new item is in nobody's
+    history); then each offset of :data:`OFFSET_GRID` (times the median per-user std of the scores) is added to those
+    items' scores, and the one with the best NDCG@k over every target, new and known, is kept (ties: the smaller)."""
+    text = recommender.item_text_vectors
+    candidates = np.flatnonzero(np.asarray(trained, dtype=bool) & (np.abs(text).sum(1) > 0))
+    size = int(round(PSEUDO_NEW_SHARE * len(candidates)))
+    if size < OFFSET_MIN_ITEMS or not histories:
+        return 0.0, {"new_item_offset_skipped": f"{size} pseudo-new items (fewer than {OFFSET_MIN_ITEMS})"}
+    pseudo = np.sort(np.random.default_rng([seed, 41]).choice(candidates, size=size, replace=False))
+    twin = copy.deepcopy(recommender)
+    as_new = np.array(trained, dtype=bool, copy=True)
+    as_new[pseudo] = False
+    fill_new_items(twin, as_new)
+    is_pseudo = np.zeros(len(text), dtype=bool)
+    is_pseudo[pseudo] = True
+    inputs = [h[~is_pseudo[h]] for h in histories]
+    totals = np.zeros(len(OFFSET_GRID))
+    hits = np.zeros(len(OFFSET_GRID))
+    spreads = []
+    for begin in range(0, len(inputs), batch):
+        chunk = inputs[begin : begin + batch]
+        prof = None if profiles is None else profiles[begin : begin + batch]
+        spreads.append(twin.score_histories(chunk, prof).std(axis=1))
+    scale = float(np.median(np.concatenate(spreads))) if spreads else 0.0
+    for begin in range(0, len(inputs), batch):
+        chunk, wanted = inputs[begin : begin + batch], targets[begin : begin + batch]
+        prof = None if profiles is None else profiles[begin : begin + batch]
+        scores = twin.score_histories(chunk, prof)
+        for g, step in enumerate(OFFSET_GRID):
+            top = top_k_unseen(scores + (step * scale) * is_pseudo[None, :], chunk, k)
+            totals[g] += float(np.nansum(per_user_metrics(top, wanted, k)["ndcg"]))
+            hits[g] += float(is_pseudo[top].any(axis=1).sum())
+    best = int(np.argmax(totals))  # the first maximum: the smallest offset among ties
+    steps = [str(g) for g in OFFSET_GRID]
+    info = {
+        "new_item_offset_step": OFFSET_GRID[best],
+        "new_item_offset_pseudo_items": size,
+        "new_item_offset_ndcg": {g: round(float(t) / len(inputs), 5) for g, t in zip(steps, totals, strict=True)},
+        "new_item_offset_in_lists": {g: round(float(h) / len(inputs), 4) for g, h in zip(steps, hits, strict=True)},
+    }
+    return float(OFFSET_GRID[best] * scale), info

@@ -63,6 +63,9 @@ class Recommender:
     # own weight per bucket (``item_item_weight``). None: none (an older model, or turned off).
     item_item: ItemItem | None = None
     item_item_weight: np.ndarray | None = None
+    # A score offset per item (n_items,), added to every served network's bias: the calibrated lift of the items
+    # whose tables were predicted from their text (nightrec.model.new_items). None: none.
+    item_offset: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.item_index = {item: i for i, item in enumerate(self.item_ids)}
@@ -116,6 +119,8 @@ class Recommender:
         blocks = []
         for model in self._models():
             out, bias, _ = model.item_tables(self.text)
+            if self.item_offset is not None:  # each user reads exactly one network's bias column
+                bias = bias + torch.from_numpy(np.asarray(self.item_offset, dtype=np.float32))
             blocks += [out, bias.unsqueeze(1)]
         if sequence and self.has_sequence:
             blocks.append(torch.from_numpy(self.sequence.item_vectors()))
@@ -281,6 +286,8 @@ class Recommender:
         if self.has_prior:
             tensors["popularity"] = torch.from_numpy(np.ascontiguousarray(self.popularity, np.float32))
             tensors["popularity_beta"] = torch.from_numpy(np.ascontiguousarray(self.popularity_beta, np.float32))
+        if self.item_offset is not None:
+            tensors["item_offset"] = torch.from_numpy(np.ascontiguousarray(self.item_offset, np.float32))
         sequence_header = None
         if self.has_sequence:
             seq_tensors, sequence_header = self.sequence.arrays()
@@ -323,6 +330,7 @@ class Recommender:
         config = TrainConfig.from_dict(header["config"])
         text = tensors.pop("item_text_vectors").numpy()
         popularity, beta = tensors.pop("popularity", None), tensors.pop("popularity_beta", None)
+        item_offset = tensors.pop("item_offset", None)
         sequence, sequence_weight = None, tensors.pop("sequence_weight", None)
         if header.get("sequence") and sequence_weight is not None:
             sequence = SASRec.from_arrays(tensors, header["sequence"], len(header["item_ids"]))
@@ -358,4 +366,5 @@ class Recommender:
             sequence_weight=None if sequence_weight is None else sequence_weight.numpy(),
             item_item=item_item,
             item_item_weight=None if item_item_weight is None else item_item_weight.numpy(),
+            item_offset=None if item_offset is None else item_offset.numpy(),
         )
