@@ -30,14 +30,14 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.lock
 	$(PIP) --no-deps -r requirements-dev.lock
 	$(BIN)/python -m pip check
-	$(BIN)/python -c "import pytest, ray, implicit, duckdb, moto"
+	$(BIN)/python -c "import pytest, xdist, ray, implicit, duckdb, moto"
 	touch $@
 
 demo: $(VENV)/.installed  ## generate demo data, run one nightly, print sample lists
 	$(BIN)/nightrec demo
 
 test: $(VENV)/.installed-dev  ## the test suite (what CI runs)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
