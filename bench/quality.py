@@ -27,11 +27,13 @@ TEMPLATE = "{title}. Genres: {genres}. {description}"  # Settings().item_text_te
 
 
 def load(name: str):
-    """A catalogue by name: ``demo`` (generated) or a folder under NIGHTREC_DATASETS (MovieLens or Amazon 2018)."""
-    if name == "demo":
+    """A catalogue by name: ``demo`` or ``demo-400k`` (generated) or a folder under NIGHTREC_DATASETS (MovieLens or
+    Amazon 2018)."""
+    if name in ("demo", "demo-400k"):
         from nightrec.sources import demo
 
-        return demo.dataset()  # demo.PROTOCOL_SPEC: 1.5 times the demo night
+        # demo.PROTOCOL_SPEC: 1.5 times the demo night; demo.COST_SPEC: 400,000 events (the training-cost target)
+        return demo.dataset(demo.PROTOCOL_SPEC if name == "demo" else demo.COST_SPEC)
     from nightrec.sources import load_dataset
 
     folder = Path(name) if Path(name).is_dir() else DATASETS / name

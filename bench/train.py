@@ -53,7 +53,11 @@ def child(which: str, epochs: int | None, name: str, threads: int) -> dict:
         trained = time.perf_counter()
         served = model.served_vectors(dataset.events, dataset.events["user_id"].unique().sort().to_list())
         assert np.isfinite(served.user_matrix).all()
-    elif which == "sasrec":
+        parts = {k: model.meta.get(k) for k in ("validation_fit_epochs", "best_epoch", "epochs", "cold_epochs")}
+        parts |= {k: model.meta.get(k) for k in ("sequence_seconds", "item_item_seconds", "sequence_params")}
+    else:
+        parts = {}
+    if which == "sasrec":
         from nightrec.tasks import protocol, sasrec
 
         split = protocol.chronological_split([s for s in seqs if len(s)], seed=0)
@@ -61,7 +65,7 @@ def child(which: str, epochs: int | None, name: str, threads: int) -> dict:
         params = sasrec.tune_sasrec(inner, len(item_ids), (histories, relevant), seed=0, log=lambda _m: None)
         sasrec.SASRec([s for s in seqs if len(s)], len(item_ids), seed=0, **params)
         trained = time.perf_counter()
-    else:
+    elif which == "als":
         evaluate.ALS(seqs, len(item_ids), factors=64, regularization=0.05, alpha=2.0, iterations=15)
         trained = time.perf_counter()
     done = time.perf_counter()
@@ -71,6 +75,7 @@ def child(which: str, epochs: int | None, name: str, threads: int) -> dict:
         "total_s": round(done - started, 2),
         "peak_rss_rise_mb": round(peak - baseline, 1),
         "torch_threads": torch.get_num_threads(),
+        **parts,
     }
 
 
