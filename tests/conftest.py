@@ -48,3 +48,10 @@ def tree_digest(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first (stable otherwise): `make test`'s two xdist workers take whole files, so the long
+    files start at once and the short ones fill in at the end instead of one worker finishing a long file alone."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

@@ -19,7 +19,7 @@ from tests.conftest import tree_digest
 from tests.flows import processes
 from tests.flows.conftest import FIRST_NIGHT, demo_home
 
-pytestmark = pytest.mark.prefect
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
 DATES = [FIRST_NIGHT + dt.timedelta(days=i) for i in range(3)]
 

@@ -94,6 +94,7 @@ def test_holdout_report_on_a_seeded_user_sample():
 
 
 @pytest.mark.movielens
+@pytest.mark.slow
 def test_movielens_holdout_model_beats_popularity(movielens_100k):
     from nightrec.sources import movielens
     from nightrec.tasks.embed import load_encoder
