@@ -10,6 +10,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `make test` runs two xdist workers on two cores: one OpenMP/BLAS thread each (the nights they start inherit it),
+# or each worker's torch spins a thread per core and the two fight over both cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
+
 
 def datasets_root() -> Path:
     return Path(os.environ.get("NIGHTREC_DATASETS", REPO.parent / "shared" / "datasets"))
