@@ -362,7 +362,8 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
 
 def _log_model_choices(st: _Stage, meta: dict) -> None:
     """What the training chose on its validation: the validation curves (a metric per epoch), the sequence part's
-    trials and chosen parameters (an MLflow table and params) and the weights fitted per history bucket."""
+    trials and chosen parameters (an MLflow table and params), the new-item offset's trials and the weights fitted per
+    history bucket."""
     for name in ("validation_ndcg", "cold_validation_ndcg"):
         for epoch, value in enumerate(meta.get(name) or []):
             tracking.log_metrics(st.client, st.run_id, {name: value}, step=epoch)
@@ -378,6 +379,9 @@ def _log_model_choices(st: _Stage, meta: dict) -> None:
         tracking.log_params(
             st.client, st.run_id, {f"chosen.item_item_{k}": v for k, v in meta["item_item_params"].items()}
         )
+    if meta.get("new_item_offset_ndcg"):  # the new-item offset's trials: validation NDCG, its cost, lists reached
+        trials = {k: meta[k] for k in meta if k.startswith("new_item_offset")}
+        tracking.log_dict(st.client, st.run_id, trials, "tuning/new_item_offset.json")
     if meta.get("best_epoch") is not None:
         tracking.log_params(st.client, st.run_id, {"chosen.epochs": meta["best_epoch"]})
 
