@@ -102,18 +102,13 @@ def main() -> None:
     n = results["nightrec"]
     summary = {"dataset": args.dataset, "nightrec_total_s": n["total_s"], "nightrec_fit_s": n["fit_s"]}
     summary["nightrec_peak_rss_rise_mb"] = n["peak_rss_rise_mb"]
-    if "sasrec" in results:
-        q = results["sasrec"]
-        summary["sasrec_tuned_fit_s"] = q["fit_s"]
-        summary["time_ratio_nightrec_over_sasrec"] = round(n["total_s"] / max(q["total_s"], 1e-9), 2)
-        summary["sasrec_peak_rss_rise_mb"] = q["peak_rss_rise_mb"]
-        summary["memory_ratio_nightrec_over_sasrec"] = round(n["peak_rss_rise_mb"] / max(q["peak_rss_rise_mb"], 1.0), 2)
-    if "als" in results:
-        a = results["als"]
-        summary["als_fit_s"] = a["total_s"]
-        summary["time_ratio_nightrec_over_als"] = round(n["total_s"] / max(a["total_s"], 1e-9), 1)
-        summary["als_peak_rss_rise_mb"] = a["peak_rss_rise_mb"]
-        summary["memory_ratio_nightrec_over_als"] = round(n["peak_rss_rise_mb"] / max(a["peak_rss_rise_mb"], 1.0), 1)
+    for peer in args.peers:  # SASRec's fit includes its tuning (the grid, every trial early-stopped)
+        p = results[peer]
+        summary[f"{peer}_total_s"] = p["total_s"]
+        summary[f"time_ratio_nightrec_over_{peer}"] = round(n["total_s"] / max(p["total_s"], 1e-9), 2)
+        summary[f"{peer}_peak_rss_rise_mb"] = p["peak_rss_rise_mb"]
+        memory = n["peak_rss_rise_mb"] / max(p["peak_rss_rise_mb"], 1.0)
+        summary[f"memory_ratio_nightrec_over_{peer}"] = round(memory, 2)
     print(json.dumps(summary))
 
 
