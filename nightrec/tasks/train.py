@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -334,6 +335,7 @@ def fit_recommender(
             if len(rows) and offset:
                 recommender.item_offset = np.zeros(len(item_ids), dtype=np.float32)
                 recommender.item_offset[rows] = offset
+        recommender.meta["fit_events"] = events.height  # tomorrow's warm start compares its events with these
         return recommender
     finally:
         torch.set_num_threads(threads_before)  # the caller's setting, not ours, outlives the call
@@ -352,11 +354,12 @@ def _fit(
     progress: Progress | None = None,
     phase: str = "",
     start_from: Recommender | None = None,
+    quick_stop: bool = False,
 ) -> Recommender:
     """The network (and, with ``cold_below``, the cold network) on ``events``, without the popularity prior.
 
     Starts from ``start_from`` (a model in memory: the validated twin the refit continues) or else from the model
-    saved at ``init_from``; a start that knows most of the catalogue (last night's champion) early-stops with
+    saved at ``init_from``; with ``quick_stop`` (a champion trained on the same data) early stopping uses
     ``config.warm_start_patience``."""
     started = time.perf_counter()
     data = _Data.from_events(events, item_ids, user_profile_vectors)
@@ -366,7 +369,7 @@ def _fit(
         previous = Recommender.load(init_from)
     start = None if previous is None else (previous.model, previous.item_index)
     patience = None
-    if previous is not None and np.mean([item in previous.item_index for item in item_ids]) >= 0.5:
+    if quick_stop and previous is not None:
         patience = min(config.patience, config.warm_start_patience)  # a champion at its plateau: find out fast
     on_meta = _phase(progress, f"{phase}meta")
     model, meta = _train(data, text, config, start, item_ids, validation, on_meta, patience)
@@ -413,6 +416,7 @@ def _fit_validated(
     ``config.epochs`` is None; fit the popularity prior's weight per history-length bucket on them (their histories
     cut to each bucket's length, the rest of them the target); then refit on every user."""
     item_index = {item: i for i, item in enumerate(item_ids)}
+    quick = init_from is not None and _unchanged_since(init_from, events, item_ids)
     users, seqs = user_sequences(events, item_index)
     eligible = np.flatnonzero([len(s) >= 2 for s in seqs])
     n_cal = min(config.calibration_max_users, int(round(len(eligible) * config.calibration_share)))
@@ -450,8 +454,9 @@ def _fit_validated(
         warm_val,
         cold_val,
         progress=progress,
+        quick_stop=quick,
     )
-    beta, info = None, {}
+    beta, info = None, {"warm_quick_stop": quick}
     n_items = len(item_ids)
     # New users (the calibration users cut at n) and known users' next items (the tail validation) in each bucket:
     # fitted on new users alone, the popularity prior cut Gift Cards' warm NDCG@10 from 0.194 to 0.123, since a
@@ -468,7 +473,7 @@ def _fit_validated(
         behind = recommender.meta.get("best_validation_ndcg")
         give_up = None if behind is None else SEQUENCE_GIVE_UP * behind
         sequence, seq_params, seq_trials = _fit_sequence(
-            train_seqs, n_items, config, warm_val, seq_given, seq_start, _phase(progress, "sequence"), give_up
+            train_seqs, n_items, config, warm_val, seq_given, seq_start, _phase(progress, "sequence"), give_up, quick
         )
         info.update({"sequence_params": seq_params, "sequence_trials": seq_trials})
         info.update({"sequence_best_epoch": sequence.best_epoch, "sequence_seconds": round(sequence.fit_seconds, 2)})
@@ -564,6 +569,22 @@ def _has_new_items(events: pl.DataFrame, item_ids: list[str], text: np.ndarray) 
     return bool(new_item_mask(trained, text).any())
 
 
+# A champion whose events are within this share of tonight's (and whose catalogue is tonight's up to it) counts as
+# trained on the same data: its warm start stops early quickly. The ablation's champion, trained on 70 % of the
+# events, lost Gift Cards 21 % warm NDCG@10 when it did (0.205 against 0.260 from scratch, seed 0).
+UNCHANGED_SHARE = 0.05
+
+
+def _unchanged_since(init_from: Path, events: pl.DataFrame, item_ids: list[str]) -> bool:
+    """Whether the model saved at ``init_from`` was fitted on (nearly) these events over (nearly) this catalogue."""
+    header = json.loads((Path(init_from) / "model.json").read_text())
+    seen = header.get("meta", {}).get("fit_events")
+    if not seen or not events.height:
+        return False
+    same_items = len(set(header["item_ids"]) & set(item_ids)) >= (1 - UNCHANGED_SHARE) * len(item_ids)
+    return same_items and abs(events.height - seen) <= UNCHANGED_SHARE * events.height
+
+
 def _refit_epochs(epochs: int, config: TrainConfig) -> int:
     """Epochs of a refit that continues a validated network: ``refit_share`` of them, at least one (none for 0)."""
     return int(np.ceil(config.refit_share * epochs)) if epochs else 0
@@ -578,6 +599,7 @@ def _fit_sequence(
     start: tuple[SASRec, np.ndarray] | None = None,
     on_epoch: EpochCallback | None = None,
     give_up_below: float | None = None,
+    quick_stop: bool = False,
 ) -> tuple[SASRec, dict, list[dict]]:
     """The sequence part. With ``validation``: the SASRec grid (:func:`nightrec.model.sasrec.default_grid`: dropout
     {0.2, 0.5}, max_len {50, 100} where histories are that long, the batch from the user count), every trial
@@ -591,9 +613,11 @@ def _fit_sequence(
             grid = [{**base, "dropout": config.sequence_dropout, "max_len": config.sequence_max_len}]
         else:
             grid = default_grid(len(seqs), max((len(x) for x in seqs), default=0) - 1)
-    else:  # last night's choice, early-stopped with the warm start's patience (evaluations come every 2 epochs)
-        warm_patience = max(1, int(np.ceil(config.warm_start_patience / 2)))
-        grid = [{**{k: v for k, v in params.items() if k not in ("epochs", "patience")}, "patience": warm_patience}]
+    else:  # last night's choice; on unchanged data early-stopped with the warm start's patience (an evaluation
+        # every 2 epochs)
+        grid = [{k: v for k, v in params.items() if k not in ("epochs", "patience")}]
+        if quick_stop:
+            grid[0]["patience"] = max(1, int(np.ceil(config.warm_start_patience / 2)))
     grid = [{**g, "hidden": config.sequence_hidden, "lr": config.sequence_lr} for g in grid]
     if validation is not None:
         pair = (validation.histories, validation.targets)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nightrec.model import Recommender, TrainConfig, user_sequences
-from nightrec.tasks.train import fit_recommender, support_loss
+from nightrec.tasks.train import _unchanged_since, fit_recommender, support_loss
 
 N_BLOCKS, BLOCK = 2, 10  # items 0-9 are block A, 10-19 block B
 
@@ -176,3 +176,7 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     assert len(meta["sequence_trials"]) >= 2 and len(warm.meta["sequence_trials"]) == 1  # last night's choice
     assert warm.meta["sequence_params"]["epochs"] < meta["sequence_params"]["epochs"]  # measured 0 vs 12
     assert warm.meta["best_validation_ndcg"] >= meta["best_validation_ndcg"] - 0.02
+    # the quick stop is for a champion of the same data only: with 30 % of the events new, the usual patience
+    assert warm.meta["warm_quick_stop"] and not meta["warm_quick_stop"]
+    assert not _unchanged_since(champion, events.head(int(0.7 * events.height)), ITEM_IDS)
+    assert not _unchanged_since(champion, events, ITEM_IDS + [f"new{i}" for i in range(len(ITEM_IDS) // 10)])
