@@ -110,7 +110,6 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int | None) -> di
         # nightly incremental: yesterday's champion saw each user's first 70 %; tonight adds the rest
         older = [s[: max(1, int(len(s) * 0.7))] for s in split.train]
         champion = evaluate.fit_nightrec(older, item_ids, vectors, base).recommender.save(Path(tmp) / "champion")
-        run("from scratch", base)
         run("from yesterday's champion (warm start)", base, init_from=champion)
         # transfer: a model trained on another catalogue (the even items, renamed so no item row maps by id)
         even = np.arange(0, len(item_ids), 2)

@@ -54,7 +54,9 @@ def child(which: str, epochs: int | None, name: str, threads: int) -> dict:
         served = model.served_vectors(dataset.events, dataset.events["user_id"].unique().sort().to_list())
         assert np.isfinite(served.user_matrix).all()
         parts = {k: model.meta.get(k) for k in ("validation_fit_epochs", "best_epoch", "epochs", "cold_epochs")}
-        parts |= {k: model.meta.get(k) for k in ("sequence_seconds", "item_item_seconds", "sequence_params")}
+        parts |= {
+            k: model.meta.get(k) for k in ("sequence_seconds", "item_item_seconds", "sequence_params", "phase_seconds")
+        }
     else:
         parts = {}
     if which == "sasrec":

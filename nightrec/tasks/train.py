@@ -444,6 +444,7 @@ def _fit_validated(
             [users[i] for i in rest], [seqs[i] for i in rest], item_ids, user_profile_vectors, config
         )
         train_events = train_events.join(tails, on=["user_id", "item_id"], how="anti")
+    clock = _PhaseClock()
     recommender = _fit(
         train_events,
         item_ids,
@@ -456,6 +457,7 @@ def _fit_validated(
         progress=progress,
         quick_stop=quick,
     )
+    clock.lap("validation_fit")
     beta, info = None, {"warm_quick_stop": quick}
     n_items = len(item_ids)
     # New users (the calibration users cut at n) and known users' next items (the tail validation) in each bucket:
@@ -481,6 +483,7 @@ def _fit_validated(
         items = sequence.item_vectors()
         strength = max((t.get("validation_ndcg", 0.0) for t in seq_trials), default=0.0)
         parts["sequence"] = (lambda h: sequence.states(h) @ items.T, strength)
+        clock.lap("sequence_search")
     if config.item_item_part and n_items <= config.sampled_softmax_above:
         pair = None if warm_val is None else (warm_val.histories, warm_val.targets)
         item_item = ItemItem.fit(train_seqs, n_items, pair)
@@ -490,6 +493,7 @@ def _fit_validated(
         info["item_item_seconds"] = round(item_item.fit_seconds, 2)
         strength = max((t["validation_ndcg"] for t in item_item.trials), default=0.0)
         parts["item_item"] = (item_item.score, strength)
+        clock.lap("item_item")
     info.update(_calibrate_parts(recommender, parts, cases, case_profiles))
     sequence_weight, item_item_weight = recommender.sequence_weight, recommender.item_item_weight
     if sequence is not None and not sequence_weight.any():  # it helps nobody: not refitted, not served
@@ -514,6 +518,7 @@ def _fit_validated(
             recommender, trained, val.histories, val.targets, val.profiles, config.seed
         )
         info.update({"new_item_offset": round(float(offset), 6), **offset_info})
+    clock.lap("calibration")
     if config.calibration_refit:  # the final model sees every user; the choices were made on its held-out twin
         first = recommender.meta
         epochs = first.get("best_epoch", config.epochs_without_validation)
@@ -534,6 +539,7 @@ def _fit_validated(
             phase="refit_",
             start_from=validated,
         )
+        clock.lap("refit")
         if sequence is not None:  # every user, for the epochs its validation chose, from scratch: continuing the
             # validated SASRec instead cost Gift Cards 3 % warm NDCG@10 (0.232 against 0.240, 3 seeds)
             seq_epochs = seq_params["epochs"] if config.epochs is None else config.epochs
@@ -542,6 +548,7 @@ def _fit_validated(
             on_epoch = _phase(progress, "refit_sequence")
             sequence = _fit_sequence(all_seqs, n_items, refit_seq, None, seq_params, seq_start, on_epoch)[0]
             info["sequence_seconds"] = round(info["sequence_seconds"] + sequence.fit_seconds, 2)
+            clock.lap("sequence_refit")
         recommender.meta.update({k: first[k] for k in first if "validation" in k or "best_epoch" in k})
         recommender.meta["validation_fit_epochs"] = first.get("epochs")
         recommender.meta["train_seconds"] = round(recommender.meta["train_seconds"] + first["train_seconds"], 2)
@@ -549,17 +556,32 @@ def _fit_validated(
         _, all_seqs = user_sequences(events, item_index)
         item_item = ItemItem.fit(all_seqs, n_items, rank=item_item.rank, shrink=item_item.shrink)
         recommender.item_item, recommender.item_item_weight = item_item, item_item_weight
+        clock.lap("item_item_refit")
     if sequence is not None:
         recommender.sequence, recommender.sequence_weight = sequence, sequence_weight
     parts_seconds = info.get("sequence_seconds", 0.0) + info.get("item_item_seconds", 0.0)
     recommender.meta["train_seconds"] = round(recommender.meta["train_seconds"] + parts_seconds, 2)
     recommender.meta["popularity_calibration_users"] = n_cal if config.popularity_prior else 0
     recommender.meta.update(info)
+    recommender.meta["phase_seconds"] = clock.seconds
     if beta is not None:
         all_counts = np.bincount(np.concatenate(seqs) if seqs else np.zeros(0, np.int64), minlength=n_items)
         recommender.popularity = np.log1p(all_counts).astype(np.float32)  # served: every training user's counts
         recommender.popularity_beta = beta
     return recommender
+
+
+class _PhaseClock:
+    """Wall seconds per phase of a fit, in order: where a night's training time goes (the model's meta, MLflow)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 2)
+        self._last = now
 
 
 def _has_new_items(events: pl.DataFrame, item_ids: list[str], text: np.ndarray) -> bool:
