@@ -21,7 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from nightrec.model.attention import CausalBlock
+from nightrec.model.config import scaled_patience
 from nightrec.ranking import per_user_metrics, top_k_unseen
+
+EVAL_EVERY = 2  # epochs between validations
+SEQUENCE_PATIENCE = 5  # validations without improvement before stopping, at most
 
 Histories = list[np.ndarray]
 EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, {"loss": ..., "validation_ndcg": ...})
@@ -114,8 +118,8 @@ class SASRec:
         batch_size: int = 128,
         seed: int = 42,
         validation: tuple[Histories, Histories] | None = None,
-        patience: int = 5,
-        eval_every: int = 2,
+        patience: int = SEQUENCE_PATIENCE,
+        eval_every: int = EVAL_EVERY,
         threads: int | None = None,
         init: tuple[SASRec, np.ndarray] | None = None,
         on_epoch: EpochCallback | None = None,
@@ -307,8 +311,12 @@ def default_grid(n_users: int, longest: int | None = None) -> list[dict]:
     """
     batch = int(np.clip(2 ** round(np.log2(max(n_users, 1) / 24)), 16, 128))
     lengths = [m for m in (50, 100) if longest is None or m == 50 or longest > 50]
+    # evaluations (every EVAL_EVERY epochs) without improvement: 5 (10 epochs) up to ~24 steps an epoch, fewer where
+    # an epoch holds many steps (the 400,000-event demo: 3)
+    steps = -(-max(n_users, 1) // batch)
+    patience = -(-scaled_patience(steps, 2 * SEQUENCE_PATIENCE) // EVAL_EVERY)
     return [
-        {"hidden": 64, "dropout": d, "max_len": m, "batch_size": batch, "epochs": 100}
+        {"hidden": 64, "dropout": d, "max_len": m, "batch_size": batch, "epochs": 100, "patience": patience}
         for d in (0.5, 0.2)  # likeliest first, for a search under a time budget (0.5 won on ML-100K and the demo)
         for m in lengths
     ]

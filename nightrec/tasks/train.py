@@ -18,7 +18,7 @@ import polars as pl
 import torch
 
 from nightrec.model import MetaRecModel, Recommender, TrainConfig, pad_histories, user_sequences
-from nightrec.model.config import cold_config
+from nightrec.model.config import cold_config, scaled_patience
 from nightrec.model.itemitem import ItemItem
 from nightrec.model.new_items import calibrate_new_item_offset, fill_new_items, new_item_mask
 from nightrec.model.recommender import POPULARITY_BUCKETS, bucket_key, history_bucket
@@ -205,7 +205,10 @@ def _train(
     """Meta-train one network over ``data``'s users as tasks: a fixed ``config.epochs``, or (``epochs=None`` with a
     ``validation``) until the validation NDCG@10 has not improved for ``patience`` (default ``config.patience``)
     epochs, best epoch kept."""
-    patience = config.patience if patience is None else patience
+    if patience is None:
+        tasks = len(data.users) if config.max_users_per_epoch is None else config.max_users_per_epoch
+        steps = -(-min(tasks, len(data.users)) // config.batch_users)
+        patience = scaled_patience(steps, config.patience)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -252,6 +255,7 @@ def _train(
         {
             "final_loss": losses[-1] if losses else None,
             "epochs": len(losses),
+            "patience": patience,
             "batch_users": batch_users,
             "losses": [round(x, 5) for x in losses],  # per-epoch meta-training query loss, for the lead's plot
         }
@@ -641,7 +645,7 @@ def _fit_sequence(
             grid = default_grid(len(seqs), max((len(x) for x in seqs), default=0) - 1)
     else:  # last night's choice; on unchanged data early-stopped with the warm start's patience (an evaluation
         # every 2 epochs)
-        grid = [{k: v for k, v in params.items() if k not in ("epochs", "patience")}]
+        grid = [{k: v for k, v in params.items() if k != "epochs"}]
         if quick_stop:
             grid[0]["patience"] = max(1, int(np.ceil(config.warm_start_patience / 2)))
     grid = [{**g, "hidden": config.sequence_hidden, "lr": config.sequence_lr} for g in grid]

@@ -89,3 +89,16 @@ def test_the_search_starts_no_trial_once_its_budget_is_spent():
     assert params["dropout"] == 0.1 and model is not None
     again = best_sasrec(train, N_ITEMS, (histories, relevant), seed=0, grid=grid, budget_s=0.0)
     assert again[0] == params and again[2][0]["validation_ndcg"] == trials[0]["validation_ndcg"]  # deterministic
+
+
+def test_patience_is_counted_in_optimiser_steps_within_its_epoch_bounds():
+    """Small catalogues (a few steps an epoch) keep the full patience; one whose epoch holds many steps stops sooner
+    (the 400,000-event demo: ~47 steps an epoch, 10 epochs of patience were 470 steps of a flat curve)."""
+    from nightrec.model.config import PATIENCE_STEPS, scaled_patience
+    from nightrec.model.sasrec import SEQUENCE_PATIENCE, default_grid
+
+    assert [scaled_patience(s, 10) for s in (1, 3, 20, 47, 100, 10_000)] == [10, 10, 10, 5, 3, 3]
+    assert all(scaled_patience(s, 10) * s >= min(PATIENCE_STEPS, 10 * s) for s in range(1, 300))
+    # SASRec's grid: validations every 2 epochs, 5 up to ~2,600 users (batch 128), fewer above
+    by_users = {n: {g["patience"] for g in default_grid(n)} for n in (314, 750, 2_700, 6_030, 1_000_000)}
+    assert by_users == {314: {SEQUENCE_PATIENCE}, 750: {5}, 2_700: {5}, 6_030: {3}, 1_000_000: {2}}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nightrec.model import Recommender, TrainConfig, user_sequences
+from nightrec.model.config import scaled_patience
 from nightrec.tasks.train import _unchanged_since, fit_recommender, support_loss
 
 N_BLOCKS, BLOCK = 2, 10  # items 0-9 are block A, 10-19 block B
@@ -165,6 +166,8 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     assert [e for phase, e, _ in calls if phase == "refit_meta"] == list(range(1, meta["epochs"] + 1))
     assert meta["validation_users"] > 100 and 1 <= meta["best_epoch"] < meta["validation_fit_epochs"] <= 80
     assert meta["validation_fit_epochs"] - meta["best_epoch"] <= config.patience  # stopped by the patience rule
+    # patience in optimiser steps (the refit's meta is the every-user fit's: its users and patience)
+    assert meta["patience"] == scaled_patience(math.ceil(meta["trained_users"] / config.batch_users), config.patience)
     # the refit continues the validated network on every user for a share of the chosen count
     assert meta["epochs"] == math.ceil(config.refit_share * meta["best_epoch"]) < meta["best_epoch"]
     assert scratch.has_sequence and meta["sequence_trials"]  # the sequence part was tuned on the same validation
