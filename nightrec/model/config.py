@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 
 PRIORS = ("pooled", "sequence", "both")
@@ -15,8 +16,7 @@ PATIENCE_STEPS = 200
 
 def scaled_patience(steps_per_epoch: int, most: int, least: int = 3) -> int:
     """Epochs without improvement before stopping: ``PATIENCE_STEPS`` optimiser steps, within [least, most]."""
-    wanted = -(-PATIENCE_STEPS // max(steps_per_epoch, 1))  # ceil
-    return int(min(most, max(least, wanted)))
+    return min(most, max(least, math.ceil(PATIENCE_STEPS / max(steps_per_epoch, 1))))
 
 
 @dataclass

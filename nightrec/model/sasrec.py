@@ -12,6 +12,7 @@ item's embedding), so they serve from the same FAISS index as the rest of the sc
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 
@@ -313,8 +314,7 @@ def default_grid(n_users: int, longest: int | None = None) -> list[dict]:
     lengths = [m for m in (50, 100) if longest is None or m == 50 or longest > 50]
     # evaluations (every EVAL_EVERY epochs) without improvement: 5 (10 epochs) up to ~24 steps an epoch, fewer where
     # an epoch holds many steps (the 400,000-event demo: 3)
-    steps = -(-max(n_users, 1) // batch)
-    patience = -(-scaled_patience(steps, 2 * SEQUENCE_PATIENCE) // EVAL_EVERY)
+    patience = math.ceil(scaled_patience(math.ceil(n_users / batch), 2 * SEQUENCE_PATIENCE) / EVAL_EVERY)
     return [
         {"hidden": 64, "dropout": d, "max_len": m, "batch_size": batch, "epochs": 100, "patience": patience}
         for d in (0.5, 0.2)  # likeliest first, for a search under a time budget (0.5 won on ML-100K and the demo)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -207,7 +208,7 @@ def _train(
     epochs, best epoch kept."""
     if patience is None:
         tasks = len(data.users) if config.max_users_per_epoch is None else config.max_users_per_epoch
-        steps = -(-min(tasks, len(data.users)) // config.batch_users)
+        steps = math.ceil(min(tasks, len(data.users)) / config.batch_users)
         patience = scaled_patience(steps, config.patience)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -473,10 +474,9 @@ def _fit_validated(
     _, train_seqs = user_sequences(train_events, item_index)
     if config.sequence_part and n_items <= config.sampled_softmax_above:
         # warm start: last night's sequence part, its chosen parameters (one trial, no grid)
-        seq_start, seq_given = _sequence_start(init_from, item_ids)
-        if not quick:  # new data: last night's choice, trained afresh. Continued from a champion that saw 70 % of
-            # the events, it early-stopped at epoch 10 and cost Gift Cards 20 % warm NDCG@10 (0.208 against 0.260)
-            seq_start = None
+        # on new data last night's choice is trained afresh: continued from a champion that saw 70 % of the events,
+        # it early-stopped at epoch 10 and cost Gift Cards 20 % warm NDCG@10 (0.208 against 0.260)
+        seq_start, seq_given = _sequence_start(init_from, item_ids, resume=quick)
         # no grid search for a part whose first trial is far behind the meta-learned part on the same validation
         # (the demo: 0.087 against 0.126, and its calibrated weight for known users came out 0)
         behind = recommender.meta.get("best_validation_ndcg")
@@ -670,16 +670,21 @@ def _fit_sequence(
 
 
 def _sequence_start(
-    init_from: Path | None, item_ids: list[str]
+    init_from: Path | None, item_ids: list[str], resume: bool
 ) -> tuple[tuple[SASRec, np.ndarray] | None, dict | None]:
-    """(last night's sequence part with each item's row in it, its chosen parameters), or (None, None)."""
+    """(last night's sequence part with each item's row in it, or None unless ``resume``; its chosen parameters),
+    or (None, None)."""
     if init_from is None:
         return None, None
-    previous = Recommender.load(init_from)
-    if not previous.has_sequence or not previous.meta.get("sequence_params"):
+    header = json.loads((Path(init_from) / "model.json").read_text())  # the header alone, unless resuming
+    params = header.get("meta", {}).get("sequence_params")
+    if header.get("sequence") is None or not params:  # it served no sequence part
         return None, None
+    if not resume:
+        return None, params
+    previous = Recommender.load(init_from)
     rows = np.array([previous.item_index.get(item, -1) for item in item_ids], dtype=np.int64)
-    return (previous.sequence, rows), previous.meta["sequence_params"]
+    return (previous.sequence, rows), params
 
 
 def _tail_validation(
