@@ -124,13 +124,18 @@ class SASRec:
         threads: int | None = None,
         init: tuple[SASRec, np.ndarray] | None = None,
         on_epoch: EpochCallback | None = None,
+        negatives: int | None = None,
     ) -> None:
-        """``init``: (a trained SASRec, each item's row in it or -1) to start from, e.g. last night's: every weight
-        of the same shape is copied, item embeddings by id (new items keep their fresh initialisation).
+        """``negatives``: train with sampled softmax, each batch's positions scored against their own next item
+        and this many uniform negatives shared by the batch, instead of the whole catalogue (None, or a count not
+        below the catalogue: the full softmax). ``init``: (a trained SASRec, each item's row in it or -1) to start
+        from, e.g. last night's: every weight of the same shape is copied, item embeddings by id (new items keep
+        their fresh initialisation).
         ``on_epoch(epoch, values)`` is called after every epoch with its mean ``loss`` (and ``validation_ndcg`` when
         it was evaluated), for live progress."""
         self.on_epoch = on_epoch
         self.n_items, self.max_len, self.threads = n_items, max_len, threads
+        self.negatives = negatives if negatives is not None and negatives < n_items else None
         flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in train]) if train else np.zeros(0, np.int64)
         self.popularity = np.bincount(flat, minlength=n_items).astype(np.float32)
         self.text_rows = np.zeros(n_items, dtype=bool)  # untrained items given embeddings predicted from text
@@ -187,7 +192,7 @@ class SASRec:
                 x, y = inputs[batch, -width:], targets[batch, -width:]
                 keep = y != pad
                 hidden = self.net(x)[keep]  # only real positions: the full softmax is the expensive part
-                loss = F.cross_entropy(self.net.logits(hidden), y[keep])
+                loss = self._loss(hidden, y[keep], generator)
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
@@ -213,6 +218,19 @@ class SASRec:
             self.net.load_state_dict(best_state)
         else:
             self.best_epoch = self.epochs_run
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Cross-entropy of each position's next item: over the catalogue, or over it and the sampled negatives."""
+        if self.negatives is None:
+            return F.cross_entropy(self.net.logits(hidden), targets)
+        # uniform negatives: their sampling probability is the same for every item, so the sampled softmax needs
+        # no log-q correction; a negative that is the position's own target is masked out
+        sampled = torch.randint(0, self.n_items, (self.negatives,), generator=generator)
+        table = self.net.items.weight
+        positive = (hidden * table[targets]).sum(1, keepdim=True)
+        negative = (hidden @ table[sampled].T).masked_fill(sampled[None, :] == targets[:, None], float("-inf"))
+        logits = torch.cat([positive, negative], dim=1)
+        return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
 
     @torch.no_grad()
     def score(self, histories: Histories) -> np.ndarray:
@@ -282,7 +300,7 @@ class SASRec:
     @classmethod
     def from_arrays(cls, tensors: dict[str, torch.Tensor], header: dict, n_items: int) -> SASRec:
         self = cls.__new__(cls)
-        self.n_items, self.max_len, self.threads = n_items, int(header["max_len"]), None
+        self.n_items, self.max_len, self.threads, self.negatives = n_items, int(header["max_len"]), None, None
         self.popularity = tensors["sequence_popularity"].numpy()
         text_rows = tensors.get("sequence_text_rows")  # absent in a file saved before new items were filled
         self.text_rows = np.zeros(n_items, bool) if text_rows is None else text_rows.numpy().astype(bool)

@@ -649,6 +649,8 @@ def _fit_sequence(
         if quick_stop:
             grid[0]["patience"] = max(1, int(np.ceil(config.warm_start_patience / 2)))
     grid = [{**g, "hidden": config.sequence_hidden, "lr": config.sequence_lr} for g in grid]
+    if config.sequence_negatives is not None:
+        grid = [{**g, "negatives": config.sequence_negatives} for g in grid]
     if validation is not None:
         pair = (validation.histories, validation.targets)
         budget = config.tuning_budget_s

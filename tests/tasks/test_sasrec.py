@@ -38,6 +38,20 @@ def test_learns_the_next_item_of_a_deterministic_sequence():
     assert model.epochs_run == model.best_epoch == 20  # no validation: every epoch runs
 
 
+def test_sampled_softmax_learns_the_chain_and_falls_back_to_the_full_one_on_a_small_catalogue():
+    held_out = cycles(100, seed=1)
+    truth = np.array([(h[-1] + 1) % N_ITEMS for h in held_out])
+    sampled = SASRec(cycles(200, seed=0), N_ITEMS, epochs=20, negatives=8, **SMALL)
+    top = top_k_unseen(sampled.score(held_out), held_out, 1)[:, 0]
+    assert (top == truth).mean() >= 0.9  # 8 of 29 wrong items per batch are enough to learn the successor
+    full = SASRec(cycles(200, seed=0), N_ITEMS, epochs=2, **SMALL)
+    assert not np.allclose(
+        SASRec(cycles(200, seed=0), N_ITEMS, epochs=2, negatives=8, **SMALL).score(held_out), full.score(held_out)
+    )  # a different loss, not the full softmax under another name
+    as_many = SASRec(cycles(200, seed=0), N_ITEMS, epochs=2, negatives=N_ITEMS, **SMALL)
+    np.testing.assert_allclose(as_many.score(held_out), full.score(held_out), rtol=1e-5)
+
+
 def test_early_stopping_restores_the_best_validation_state():
     rng = np.random.default_rng(2)
     histories = cycles(60, seed=2)

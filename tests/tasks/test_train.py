@@ -189,3 +189,14 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     changed = fit_recommender(events.head(int(0.7 * events.height)), ITEM_IDS, TEXT, None, config, init_from=champion)
     assert not changed.meta["warm_quick_stop"] and not changed.meta["sequence_warm_start"]
     assert len(changed.meta["sequence_trials"]) == 1  # no grid: the champion's choice
+
+
+def test_the_sequence_part_trains_with_the_configured_sampled_softmax():
+    config = replace(CONFIG, epochs=3, sequence_negatives=8)
+    events = checkerboard_events(300, seed=4)  # enough users to hold calibration users out (the parts need them)
+    model = fit_recommender(events, ITEM_IDS, TEXT, None, config)
+    assert model.meta["sequence_params"]["negatives"] == 8
+    if model.sequence is not None:  # served unless its calibrated weight is 0 everywhere
+        assert model.sequence.negatives == 8
+    default = fit_recommender(events, ITEM_IDS, TEXT, None, replace(config, sequence_negatives=None))
+    assert "negatives" not in default.meta["sequence_params"]  # the full softmax by default
