@@ -93,6 +93,24 @@ def test_decoder_uses_last_token_pooling(tiny_decoder):
     assert np.abs(mean_pooled - got).max() > 1e-2  # the test can tell the poolings apart
 
 
+def test_a_night_loads_its_encoder_once_and_a_replaced_model_afresh(tiny_decoder, tmp_path, home):
+    import shutil
+
+    from transformers import LlamaModel
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_decoder, folder)
+    settings = Settings(embedding_model=str(folder), embedding_device="cpu", embedding_max_length=64)
+    first = embed.settings_encoder(settings)
+    assert embed.settings_encoder(settings) is first  # the users' stage reuses the items' stage's model
+    assert embed.settings_encoder(settings.model_copy(update={"embedding_max_length": 32})) is not first
+    before = embed.settings_encoder(settings).encode(["a gift card"])
+    torch.manual_seed(1)  # other weights saved into the same folder: loaded afresh, other vectors
+    LlamaModel(LlamaModel.from_pretrained(folder).config).save_pretrained(folder)
+    again = embed.settings_encoder(settings)
+    assert again is not first and not np.allclose(again.encode(["a gift card"]), before)
+
+
 def test_refuses_a_missing_model_folder(tmp_path):
     with pytest.raises(embed.ModelLoadError, match="does not exist"):
         embed.load_encoder(str(tmp_path / "no-such-model"))
