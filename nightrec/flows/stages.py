@@ -116,37 +116,6 @@ def known_users(lake: Lake, events: pl.DataFrame) -> list[str]:
     return sorted(users)
 
 
-def served_ndcg(train_events: pl.DataFrame, holdout: pl.DataFrame, k: int = 10):
-    """A function scoring served vectors by holdout NDCG@k (seen = train history), for the compression search.
-
-    Scores a batch of users at a time (memory: a batch times the catalogue)."""
-    from nightrec.ranking import ndcg_at_k
-    from nightrec.tasks.evaluate import top_k_in_batches
-
-    def quality(vectors) -> float:
-        item_index = {item: i for i, item in enumerate(vectors.item_ids)}
-        users = pl.DataFrame({"user_id": vectors.user_ids})
-
-        def per_user(frame: pl.DataFrame) -> list:
-            grouped = dict(
-                frame.join(users, on="user_id", how="semi")
-                .with_columns(pl.col("item_id").replace_strict(item_index, default=None, return_dtype=pl.Int64))
-                .drop_nulls("item_id")
-                .group_by("user_id")
-                .agg(pl.col("item_id").unique())
-                .iter_rows()
-            )
-            return [grouped.get(u, []) for u in vectors.user_ids]
-
-        def scores(rows: slice):
-            return vectors.user_matrix[rows] @ vectors.item_matrix.T
-
-        top = top_k_in_batches(scores, per_user(train_events), k, len(vectors.item_ids))
-        return ndcg_at_k(top, per_user(holdout), k)
-
-    return quality
-
-
 def _files(pattern: str | None) -> list[Path]:
     if not pattern:
         return []
@@ -504,7 +473,7 @@ def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> d
     """Served vectors for every known user, compressed within the quality tolerance, and a recall-checked index."""
     from nightrec.model import Recommender
     from nightrec.storage.vectors import save_served_vectors
-    from nightrec.tasks import catalogue, compress, index
+    from nightrec.tasks import catalogue, compress, evaluate, index
 
     with _Stage(parent_run_id, "compress-and-index") as st:
         gate = read_state(Path(workdir), "gate")
@@ -525,7 +494,7 @@ def compress_and_index(run_date: dt.date, parent_run_id: str, workdir: str) -> d
             # Compression is judged on vectors adapted without the holdout, then applied to everyone's full vectors.
             holdout_users = compress.sample_users(holdout, st.settings.compression_max_users, st.settings.seed)
             probe = recommender.served_vectors(train_events, holdout_users)
-            quality = served_ndcg(train_events, holdout, k=10)
+            quality = evaluate.served_ndcg(train_events, holdout, k=10)
             with logs.Progress("compression search", unit="config") as progress:
                 result = compress.compress_served(
                     probe, quality, st.settings.champion_tolerance, st.settings.seed, progress=progress

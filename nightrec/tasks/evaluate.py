@@ -272,3 +272,33 @@ def _holdout_metrics(top: np.ndarray, relevant: Histories, k: int, n_items: int)
         "coverage": float(np.unique(head[head >= 0]).size / n_items) if n_items else 0.0,
         "users": float(len(relevant)),
     }
+
+
+def served_ndcg(train_events: pl.DataFrame, holdout: pl.DataFrame, k: int = 10):
+    """A function scoring served vectors by holdout NDCG@k (seen = train history), for the compression search.
+
+    Scores a batch of users at a time (memory: a batch times the catalogue)."""
+    from nightrec.ranking import ndcg_at_k
+
+    def quality(vectors) -> float:
+        item_index = {item: i for i, item in enumerate(vectors.item_ids)}
+        users = pl.DataFrame({"user_id": vectors.user_ids})
+
+        def per_user(frame: pl.DataFrame) -> list:
+            grouped = dict(
+                frame.join(users, on="user_id", how="semi")
+                .with_columns(pl.col("item_id").replace_strict(item_index, default=None, return_dtype=pl.Int64))
+                .drop_nulls("item_id")
+                .group_by("user_id")
+                .agg(pl.col("item_id").unique())
+                .iter_rows()
+            )
+            return [grouped.get(u, []) for u in vectors.user_ids]
+
+        def scores(rows: slice):
+            return vectors.user_matrix[rows] @ vectors.item_matrix.T
+
+        top = top_k_in_batches(scores, per_user(train_events), k, len(vectors.item_ids))
+        return ndcg_at_k(top, per_user(holdout), k)
+
+    return quality

@@ -119,3 +119,18 @@ def test_movielens_holdout_model_beats_popularity(movielens_100k):
     )
     assert report["model"]["users"] > 20
     assert report["model"]["ndcg_at_10"] > report["popularity"]["ndcg_at_10"]
+
+
+def test_served_ndcg_scores_the_vectors_on_the_holdout_with_seen_items_removed():
+    from nightrec.storage.vectors import ServedVectors
+    from nightrec.tasks.evaluate import served_ndcg
+
+    # item a scores highest for both users, then b, then c; u1 has seen a, so its top unseen item is b
+    vectors = ServedVectors(
+        ["u0", "u1"], np.ones((2, 1), np.float32), ["a", "b", "c"], np.array([[3.0], [2.0], [1.0]], np.float32)
+    )
+    train = pl.DataFrame({"user_id": ["u1"], "item_id": ["a"]})
+    hit = pl.DataFrame({"user_id": ["u0", "u1"], "item_id": ["a", "b"]})  # both holdout items ranked first
+    assert served_ndcg(train, hit, k=1)(vectors) == pytest.approx(1.0)
+    miss = pl.DataFrame({"user_id": ["u0", "u1"], "item_id": ["c", "a"]})  # c ranked last, a already seen
+    assert served_ndcg(train, miss, k=1)(vectors) == pytest.approx(0.0)
