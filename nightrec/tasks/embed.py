@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import os
 import re
 import time
@@ -375,9 +376,6 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
-_LOADED: dict[tuple, TextEncoder] = {}  # the last encoder settings_encoder loaded in this process (one entry)
-
-
 def _folder_stamp(model: str) -> tuple:
     """(name, size, mtime) of a local model folder's files: a folder whose weights were replaced loads afresh."""
     folder = Path(resolve_model_path(model))
@@ -386,22 +384,23 @@ def _folder_stamp(model: str) -> tuple:
     return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file())
 
 
+@functools.lru_cache(maxsize=1)  # one model held at a time: a large one is gigabytes
+def _loaded_encoder(model: str, max_length: int, device: str, pooling: str, fast_path: str, threads: int, _stamp):
+    return load_encoder(model, max_length, device, pooling=pooling, fast_path=fast_path, threads=threads)
+
+
 def settings_encoder(settings: Settings) -> TextEncoder:
     """The settings' encoder, loaded once per process: a night embeds items and then users with the same model,
     and loading it (~5 s for the default on 2 cores) was a tenth of a small night."""
-    key = (settings_encoder_key(settings), settings.embedding_threads, _folder_stamp(settings.embedding_model))
-    if key not in _LOADED:
-        encoder = load_encoder(
-            settings.embedding_model,
-            settings.embedding_max_length,
-            settings.embedding_device,
-            pooling=settings.embedding_pooling,
-            fast_path=settings.embedding_fast_path,
-            threads=settings.embedding_threads,
-        )
-        _LOADED.clear()  # one model held at a time: a large one is gigabytes
-        _LOADED[key] = encoder
-    return _LOADED[key]
+    return _loaded_encoder(
+        settings.embedding_model,
+        settings.embedding_max_length,
+        settings.embedding_device,
+        settings.embedding_pooling,
+        settings.embedding_fast_path,
+        settings.embedding_threads,
+        _folder_stamp(settings.embedding_model),
+    )
 
 
 # --- texts ------------------------------------------------------------------------------------------------------
