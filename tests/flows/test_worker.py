@@ -30,18 +30,20 @@ def prefect_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.Compl
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.fixture
-def server(tmp_path, monkeypatch):
-    """A local Prefect server (the one `nightrec serve` starts) and the environment of its clients."""
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A local Prefect server (the one `nightrec serve` starts) and the environment of its clients, shared by the
+    module: the `ls` commands ask it before anything is deployed, then the deploy test fills it."""
     from nightrec.deployments.serve import local_server
 
-    demo_home(tmp_path, monkeypatch)
-    settings = Settings()
-    settings.prefect_home_dir.mkdir(parents=True, exist_ok=True)
-    with local_server(settings, free_port()) as api_url:
-        env = {**os.environ, **prefect_environment(settings), "PREFECT_API_URL": api_url, "PWD": str(REPO)}
-        env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
-        yield settings, api_url, env
+    with pytest.MonkeyPatch.context() as mp:
+        demo_home(tmp_path_factory.mktemp("worker"), mp)
+        settings = Settings()
+        settings.prefect_home_dir.mkdir(parents=True, exist_ok=True)
+        with local_server(settings, free_port()) as api_url:
+            env = {**os.environ, **prefect_environment(settings), "PREFECT_API_URL": api_url, "PWD": str(REPO)}
+            env["PREFECT_WORKER_QUERY_SECONDS"] = "2"
+            yield settings, api_url, env
 
 
 def test_the_ls_commands_answer(server):
