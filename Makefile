@@ -37,7 +37,7 @@ demo: $(VENV)/.installed  ## generate demo data, run one nightly, print sample l
 	$(BIN)/nightrec demo
 
 test: $(VENV)/.installed-dev  ## the test suite (what CI runs)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
