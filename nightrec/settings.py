@@ -139,6 +139,12 @@ class Settings(BaseSettings):
         description="Train the sequence part with sampled softmax against this many shared uniform negatives instead "
         "of the whole catalogue: cheaper epochs on a large catalogue, a few per cent lower validation NDCG.",
     )
+    train_sequence_members: int = Field(
+        default=2,
+        ge=1,
+        description="Refits of the sequence part from different seeds whose mean score is served (1: a single one; "
+        "each costs one more refit of it).",
+    )
     train_max_users_per_epoch: int | None = Field(
         default=20_000, gt=0, description="Users (meta-training tasks) sampled per epoch; None = all of them."
     )

@@ -218,6 +218,7 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
         settings.train_max_users_per_epoch,
         settings.train_tuning_budget_s,
         settings.train_sequence_negatives,
+        settings.train_sequence_members,
         settings.warm_start,
         settings.embedding_model,
         settings.item_text_template,
@@ -296,6 +297,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
             max_users_per_epoch=st.settings.train_max_users_per_epoch,
             tuning_budget_s=st.settings.train_tuning_budget_s,
             sequence_negatives=st.settings.train_sequence_negatives,
+            sequence_members=st.settings.train_sequence_members,
         )
         if st.settings.train_epochs:
             config.epochs = st.settings.train_epochs

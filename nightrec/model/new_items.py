@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from nightrec.model.sasrec import sequence_members
 from nightrec.ranking import per_user_metrics, top_k_unseen
 
 if TYPE_CHECKING:
@@ -105,10 +106,9 @@ def fill_new_items(recommender: Recommender, trained: np.ndarray) -> np.ndarray:
             weight = table.weight.detach().numpy()
             table.weight.copy_(torch.from_numpy(fill_rows(weight, text, trained, fill)))
         model.known[torch.from_numpy(rows)] = True
-    if recommender.has_sequence:
-        sequence = recommender.sequence
-        vectors = sequence.net.items.weight[: sequence.n_items].detach().numpy()
-        sequence.set_item_rows(rows, fill_rows(vectors, text, trained, fill)[rows])
+    for member in sequence_members(recommender.sequence) if recommender.has_sequence else []:
+        vectors = member.net.items.weight[: member.n_items].detach().numpy()
+        member.set_item_rows(rows, fill_rows(vectors, text, trained, fill)[rows])
     if recommender.has_item_item:
         part = recommender.item_item
         part.history = fill_rows(part.history, text, trained, fill)

@@ -15,7 +15,7 @@ from nightrec.model.config import TrainConfig, cold_config
 from nightrec.model.itemitem import ItemItem
 from nightrec.model.network import MetaRecModel
 from nightrec.model.reasons import LinearPart, ReasonBlock, ReasonSpace
-from nightrec.model.sasrec import SASRec
+from nightrec.model.sasrec import SASRec, SASRecEnsemble, sequence_from_arrays
 from nightrec.model.sequences import pad_histories, profile_matrix, user_sequences
 from nightrec.storage import atomic
 from nightrec.storage.vectors import ServedVectors
@@ -57,7 +57,7 @@ class Recommender:
     # The order-aware part: a SASRec-CE network over the ordered history (nightrec.model.sasrec) whose score is
     # added with one weight per history-length bucket (``sequence_weight``, fitted on the calibration users beside
     # the popularity prior). None: no sequence part (a model saved before it existed, or turned off).
-    sequence: SASRec | None = None
+    sequence: SASRec | SASRecEnsemble | None = None
     sequence_weight: np.ndarray | None = None
     # The item-item part: a low-rank shrunk item-item model (nightrec.model.itemitem), added the same way with its
     # own weight per bucket (``item_item_weight``). None: none (an older model, or turned off).
@@ -333,7 +333,7 @@ class Recommender:
         item_offset = tensors.pop("item_offset", None)
         sequence, sequence_weight = None, tensors.pop("sequence_weight", None)
         if header.get("sequence") and sequence_weight is not None:
-            sequence = SASRec.from_arrays(tensors, header["sequence"], len(header["item_ids"]))
+            sequence = sequence_from_arrays(tensors, header["sequence"], len(header["item_ids"]))
         item_item, item_item_weight = None, tensors.pop("item_item_weight", None)
         if header.get("item_item") and item_item_weight is not None:
             item_item = ItemItem(

@@ -116,3 +116,26 @@ def test_patience_is_counted_in_optimiser_steps_within_its_epoch_bounds():
     # SASRec's grid: validations every 2 epochs, 5 up to ~2,600 users (batch 128), fewer above
     by_users = {n: {g["patience"] for g in default_grid(n)} for n in (314, 750, 2_700, 6_030, 1_000_000)}
     assert by_users == {314: {SEQUENCE_PATIENCE}, 750: {5}, 2_700: {5}, 6_030: {3}, 1_000_000: {2}}
+
+
+def test_an_ensemble_serves_the_mean_of_its_members_as_one_inner_product_and_saves_each_member():
+    from nightrec.model.sasrec import SASRecEnsemble, sequence_from_arrays, sequence_members
+
+    train = cycles(120, seed=0)
+    members = [SASRec(train, N_ITEMS, epochs=4, seed=s, **SMALL) for s in (0, 100)]
+    ensemble = SASRecEnsemble(members)
+    users = cycles(20, seed=1)
+    first, second = (m.score(users) for m in members)
+    assert not np.allclose(first, second)  # two seeds, two different fits
+    mean = (first + second) / 2
+    np.testing.assert_allclose(ensemble.score(users), mean, rtol=1e-5, atol=1e-5)
+    served = ensemble.states(users) @ ensemble.item_vectors().T  # what the FAISS index computes
+    np.testing.assert_allclose(served, mean, rtol=1e-4, atol=1e-4)
+    assert ensemble.hidden == 64 and ensemble.fit_seconds == pytest.approx(sum(m.fit_seconds for m in members))
+    tensors, header = ensemble.arrays()
+    assert {k for k in tensors if k.startswith("sequence.")} == {f"sequence.{k}" for k in members[0].net.state_dict()}
+    loaded = sequence_from_arrays(tensors, header, N_ITEMS)
+    assert len(sequence_members(loaded)) == 2
+    np.testing.assert_allclose(loaded.score(users), mean, rtol=1e-5, atol=1e-5)
+    single_tensors, single_header = members[0].arrays()  # a single model's file loads as one SASRec, as before
+    assert isinstance(sequence_from_arrays(single_tensors, single_header, N_ITEMS), SASRec)

@@ -13,6 +13,7 @@ import torch
 
 from nightrec.model import Recommender, TrainConfig, user_sequences
 from nightrec.model.config import scaled_patience
+from nightrec.model.sasrec import sequence_members
 from nightrec.tasks.train import _unchanged_since, fit_recommender, support_loss
 
 N_BLOCKS, BLOCK = 2, 10  # items 0-9 are block A, 10-19 block B
@@ -171,6 +172,9 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     # the refit continues the validated network on every user for a share of the chosen count
     assert meta["epochs"] == math.ceil(config.refit_share * meta["best_epoch"]) < meta["best_epoch"]
     assert scratch.has_sequence and meta["sequence_trials"]  # the sequence part was tuned on the same validation
+    # served as the mean of two refits of the chosen parameters from different seeds, each with live progress
+    assert meta["sequence_members"] == 2 and len(sequence_members(scratch.sequence)) == 2
+    assert {"refit_sequence", "refit_sequence_2"} <= phases
     champion = scratch.save(tmp_path / "champion")
     warm = fit_recommender(events, ITEM_IDS, TEXT, None, config, init_from=champion)
     spent = [m.meta["validation_fit_epochs"] + m.meta["epochs"] for m in (scratch, warm)]
@@ -186,6 +190,7 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     # and the sequence part starts from the champion on the same data only; on new data it trains afresh with the
     # champion's parameters (continued from a champion of 70 % of the events it cost Gift Cards 20 % warm NDCG@10)
     assert warm.meta["sequence_warm_start"] and not meta["sequence_warm_start"]
+    assert len(sequence_members(warm.sequence)) == 2  # each member continued from the champion's
     changed = fit_recommender(events.head(int(0.7 * events.height)), ITEM_IDS, TEXT, None, config, init_from=champion)
     assert not changed.meta["warm_quick_stop"] and not changed.meta["sequence_warm_start"]
     assert len(changed.meta["sequence_trials"]) == 1  # no grid: the champion's choice
