@@ -140,7 +140,7 @@ class Settings(BaseSettings):
         "of the whole catalogue: cheaper epochs on a large catalogue, a few per cent lower validation NDCG.",
     )
     train_sequence_members: int = Field(
-        default=2,
+        default=1,
         ge=1,
         description="Refits of the sequence part from different seeds whose mean score is served (1: a single one; "
         "each costs one more refit of it).",

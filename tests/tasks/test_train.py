@@ -153,7 +153,7 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     """epochs=None: the validation (training users' held-out newest items) decides; from last night's model on the
     same data, the validation is already at its plateau at epoch 0, so the night trains far fewer epochs."""
     events = checkerboard_events(300, seed=4)
-    config = TrainConfig(dim=16, batch_users=32, seed=3, threads=1, cold_below=0, max_epochs=80)
+    config = TrainConfig(dim=16, batch_users=32, seed=3, threads=1, cold_below=0, max_epochs=80, sequence_members=2)
     assert config.epochs is None
     calls: list[tuple[str, int, dict]] = []
     scratch = fit_recommender(events, ITEM_IDS, TEXT, None, config, progress=lambda *c: calls.append(c))
