@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nightrec.model.sasrec import best_sasrec
+from nightrec.model.sasrec import SASRecEnsemble, best_sasrec, sequence_from_arrays, sequence_members
 from nightrec.ranking import top_k_unseen
 from nightrec.tasks.sasrec import SASRec, tune_sasrec
 
@@ -119,8 +119,6 @@ def test_patience_is_counted_in_optimiser_steps_within_its_epoch_bounds():
 
 
 def test_an_ensemble_serves_the_mean_of_its_members_as_one_inner_product_and_saves_each_member():
-    from nightrec.model.sasrec import SASRecEnsemble, sequence_from_arrays, sequence_members
-
     train = cycles(120, seed=0)
     members = [SASRec(train, N_ITEMS, epochs=4, seed=s, **SMALL) for s in (0, 100)]
     ensemble = SASRecEnsemble(members)
