@@ -3,9 +3,9 @@
 several seeds of the split, mean ± std).
 
 Run: ``.venv/bin/python bench/quality.py --dataset movielens-100k|amazon2018-gift-cards|demo [--seeds 0 1 2]
-[--epochs N] [--stratified] [--ablations]``. Prints the table (mean ± std over seeds), the ratio table, then ONE JSON
-object as the last line: per headline metric nightrec's mean, the best peer, the ratio to it (mean ± std over seeds)
-and to popularity. Item text vectors are cached in tmp/.cache by the texts' digest.
+[--epochs N] [--sequence-members K] [--stratified] [--ablations]``. Prints the table (mean ± std over seeds), the
+ratio table, then ONE JSON object as the last line: per headline metric nightrec's mean, the best peer, the ratio to
+it (mean ± std over seeds) and to popularity. Item text vectors are cached in tmp/.cache by the texts' digest.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _cold_warm(metrics: dict) -> dict:
     return {k: round(metrics[k], 4) for k in keys}
 
 
-def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int | None) -> dict[str, dict]:
+def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int | None, members: int = 1) -> dict[str, dict]:
     """Same chronological split, nightrec variants only: what each component and warm starting buys."""
     import dataclasses
     import tempfile
@@ -76,7 +76,8 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int | None) -> di
     item_ids = dataset.items["item_id"].to_list()
     _, seqs = model.user_sequences(dataset.events, {item: i for i, item in enumerate(item_ids)})
     split = protocol.chronological_split([s for s in seqs if len(s)], seed)
-    base = model.TrainConfig(seed=seed, epochs=epochs)  # epochs None: early stopping decides (the default)
+    # epochs None: early stopping decides (the default)
+    base = model.TrainConfig(seed=seed, epochs=epochs, sequence_members=members)
     rows: dict[str, dict] = {}
 
     def run(name: str, config, histories=None, ids=item_ids, text=vectors, **kw):
@@ -133,6 +134,12 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument(
+        "--sequence-members",
+        type=int,
+        default=model.TrainConfig().sequence_members,
+        help="fits of the sequence part averaged in the served model (setting train_sequence_members)",
+    )
     parser.add_argument("--stratified", action="store_true", help="also the random 75/25 split stratified by item")
     parser.add_argument("--ablations", action="store_true", help="nightrec variants and warm start instead of peers")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -144,14 +151,14 @@ def main() -> None:
     dataset = load(args.dataset)
     vectors = item_vectors(dataset)
     if args.ablations:
-        rows = ablations(dataset, vectors, args.seeds[0], args.epochs)
+        rows = ablations(dataset, vectors, args.seeds[0], args.epochs, args.sequence_members)
         columns = list(next(iter(rows.values())))
         print("| variant | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
         for name, values in rows.items():
             print(f"| {name} | " + " | ".join(str(values[c]) for c in columns) + " |")
         print(json.dumps(rows))
         return
-    config = model.TrainConfig()
+    config = model.TrainConfig(sequence_members=args.sequence_members)
     if args.epochs:
         config.epochs = args.epochs
     started = time.perf_counter()
