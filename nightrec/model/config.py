@@ -112,7 +112,7 @@ class TrainConfig:
     # the final sequence part is the mean of this many refits from different seeds (the search runs once): one seed's
     # SASRec is noisy on a small catalogue. Two against one, the protocol's 3 seeds (docs/quality.md, seventh
     # session): Gift Cards warm NDCG@10 0.952x against 0.934x the SASRec peer, cold k=5 0.962x against 0.880x;
-    # MovieLens-100K warm 1.099x against 1.086x; the demo unchanged. Each member costs one more refit of the part
+    # MovieLens-100K warm 1.099x against 1.085x; the demo unchanged. Each member costs one more refit of the part
     sequence_members: int = 2
     # the sequence part's search starts no trial after this many seconds (the first always runs); None: no limit
     tuning_budget_s: float | None = 300.0
