@@ -65,7 +65,7 @@ def _cold_warm(metrics: dict) -> dict:
     return {k: round(metrics[k], 4) for k in keys}
 
 
-def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int | None, members: int = 1) -> dict[str, dict]:
+def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int | None, members: int) -> dict[str, dict]:
     """Same chronological split, nightrec variants only: what each component and warm starting buys."""
     import dataclasses
     import tempfile
