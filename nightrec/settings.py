@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from nightrec.model.config import SEARCH_TRIALS
+
 DEFAULT_EVENT_TYPES = ("view", "click", "like", "cart", "purchase", "rating", "play", "share", "dislike")
 
 
@@ -132,6 +134,12 @@ class Settings(BaseSettings):
         default=300.0,
         gt=0,
         description="Seconds after which the sequence part's hyper-parameter search starts no further trial.",
+    )
+    train_tuning_trials: int = Field(
+        default=SEARCH_TRIALS,
+        ge=1,
+        description="Trials of the sequence part's hyper-parameter search (Optuna: the grid's points first, then "
+        "sampled width, dropout, learning rate and length, each pruned when it runs behind); 1: the first point alone.",
     )
     train_sequence_negatives: int | None = Field(
         default=None,

@@ -217,6 +217,7 @@ def train_inputs_key(run_date: dt.date, champion_dir: str | None) -> str:
         settings.train_epochs,
         settings.train_max_users_per_epoch,
         settings.train_tuning_budget_s,
+        settings.train_tuning_trials,
         settings.train_sequence_negatives,
         settings.train_sequence_members,
         settings.warm_start,
@@ -296,6 +297,7 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
             seed=st.settings.seed,
             max_users_per_epoch=st.settings.train_max_users_per_epoch,
             tuning_budget_s=st.settings.train_tuning_budget_s,
+            tuning_trials=st.settings.train_tuning_trials,
             sequence_negatives=st.settings.train_sequence_negatives,
             sequence_members=st.settings.train_sequence_members,
         )
@@ -343,6 +345,14 @@ def _log_model_choices(st: _Stage, meta: dict) -> None:
             tracking.log_metrics(st.client, st.run_id, {name: value}, step=epoch)
     if meta.get("sequence_trials"):
         tracking.log_dict(st.client, st.run_id, meta["sequence_trials"], "tuning/sequence_trials.json")
+        for number, trial in enumerate(meta["sequence_trials"]):  # the search as a chart: one point per trial
+            if "validation_ndcg" in trial:
+                tracking.log_metrics(
+                    st.client, st.run_id, {"tuning.sequence_trial_ndcg": trial["validation_ndcg"]}, step=number
+                )
+        states = [trial.get("state", "skipped") for trial in meta["sequence_trials"]]
+        counts = {f"tuning.sequence_trials_{s}": states.count(s) for s in ("complete", "pruned", "skipped")}
+        tracking.log_metrics(st.client, st.run_id, counts)
     if meta.get("sequence_params"):
         tracking.log_params(
             st.client, st.run_id, {f"chosen.sequence_{k}": v for k, v in meta["sequence_params"].items()}

@@ -12,6 +12,8 @@ PRIORS = ("pooled", "sequence", "both")
 # MovieLens-100K, Gift Cards and the demo (at most ~24 steps an epoch) the epoch bounds decide, as before; the
 # 400,000-event demo (~47 steps an epoch) waits 5 epochs instead of 10.
 PATIENCE_STEPS = 200
+# trials of the sequence part's search: the start points (the recipe's grid: up to 4) and sampled points up to this
+SEARCH_TRIALS = 6
 
 
 def scaled_patience(steps_per_epoch: int, most: int, least: int = 3) -> int:
@@ -99,8 +101,9 @@ class TrainConfig:
     # on the same validation, added with its own weight per served network; skipped above sampled_softmax_above
     item_item_part: bool = True
     sequence_hidden: int = 64
-    # None: tuned on the validation (dropout {0.2, 0.5} x max_len {50, 100}, nightrec.model.sasrec.default_grid);
-    # a value: one trial with it and sequence_max_len
+    # None: tuned on the validation (the grid dropout {0.2, 0.5} x max_len {50, 100} of
+    # nightrec.model.sasrec.default_grid, then sampled width, dropout, learning rate and length, tuning_trials in
+    # all); a value: one trial with it, sequence_max_len, sequence_hidden and sequence_lr
     sequence_dropout: float | None = None
     sequence_max_len: int = 50
     sequence_lr: float = 1e-3
@@ -114,7 +117,9 @@ class TrainConfig:
     # session): Gift Cards warm NDCG@10 0.952x against 0.934x the SASRec peer, cold k=5 0.962x against 0.880x;
     # MovieLens-100K warm 1.099x against 1.085x; the demo unchanged. Each member costs one more refit of the part
     sequence_members: int = 2
-    # the sequence part's search starts no trial after this many seconds (the first always runs); None: no limit
+    # the sequence part's search (nightrec.model.tuning, Optuna): this many trials at most, the grid's first, then
+    # sampled ones; it starts no trial after tuning_budget_s seconds (the first always runs); None: no time limit
+    tuning_trials: int = SEARCH_TRIALS
     tuning_budget_s: float | None = 300.0
     seed: int = 42
     threads: int | None = None  # torch intra-op threads; None leaves torch's default

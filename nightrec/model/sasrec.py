@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nightrec.model.attention import CausalBlock
-from nightrec.model.config import scaled_patience
+from nightrec.model.config import SEARCH_TRIALS, scaled_patience
+from nightrec.model.tuning import SearchSpace, search
 from nightrec.ranking import per_user_metrics, top_k_unseen
 
 EVAL_EVERY = 2  # epochs between validations
@@ -411,15 +412,25 @@ def default_grid(n_users: int, longest: int | None = None) -> list[dict]:
     50 on MovieLens-100K (median training history ~40 items) and scored no better, so the grid stops at 100.
     """
     batch = int(np.clip(2 ** round(np.log2(max(n_users, 1) / 24)), 16, 128))
-    lengths = [m for m in (50, 100) if longest is None or m == 50 or longest > 50]
+    lengths = _lengths(longest)
     # evaluations (every EVAL_EVERY epochs) without improvement: 5 (10 epochs) up to ~24 steps an epoch, fewer where
     # an epoch holds many steps (the 400,000-event demo: 3)
     patience = math.ceil(scaled_patience(math.ceil(n_users / batch), 2 * SEQUENCE_PATIENCE) / EVAL_EVERY)
     return [
-        {"hidden": 64, "dropout": d, "max_len": m, "batch_size": batch, "epochs": 100, "patience": patience}
+        {"hidden": 64, "dropout": d, "max_len": m, "lr": 1e-3, "batch_size": batch, "epochs": 100, "patience": patience}
         for d in (0.5, 0.2)  # likeliest first, for a search under a time budget (0.5 won on ML-100K and the demo)
         for m in lengths
     ]
+
+
+def _lengths(longest: int | None) -> tuple[int, ...]:
+    """max_len 50 and 100, without 100 where no input is longer than 50 (the same model up to its initialisation)."""
+    return tuple(m for m in (50, 100) if longest is None or m == 50 or longest > 50)
+
+
+def default_space(longest: int | None = None) -> SearchSpace:
+    """Where the search samples beyond the grid: :class:`SearchSpace`'s ranges, with the grid's lengths."""
+    return SearchSpace(max_len=_lengths(longest))
 
 
 def tune_sasrec(
@@ -430,15 +441,17 @@ def tune_sasrec(
     grid: list[dict] | None = None,
     log: Callable[[str], None] = print,
     threads: int | None = None,
+    trials: int | None = SEARCH_TRIALS,
 ) -> dict:
-    """Pick SASRec's parameters by validation NDCG@10, each trial early-stopped on the same validation.
+    """Pick SASRec's parameters by validation NDCG@10, each trial early-stopped on the same validation: the search of
+    :func:`best_sasrec` (the grid, then sampled points up to ``trials``), as the sequence part is tuned in a night.
 
     ``train`` is the inner training histories and ``validation`` is (histories, relevant items) carved from them
     (``Split.validation`` without its first element). The result is constructor keyword arguments, including the
     best trial's early-stopped epoch count as ``epochs``, so the final fit on the full training data can run a fixed
     number of epochs: ``SASRec(split.train, n_items, seed=seed, **params)``.
     """
-    return best_sasrec(train, n_items, validation, seed, grid, log, threads)[0]
+    return best_sasrec(train, n_items, validation, seed, grid, log, threads, trials=trials)[0]
 
 
 def best_sasrec(
@@ -453,44 +466,39 @@ def best_sasrec(
     budget_s: float | None = None,
     on_epoch: EpochCallback | None = None,
     give_up_below: float | None = None,
+    trials: int | None = None,
+    space: SearchSpace | None = None,
 ) -> tuple[dict, SASRec, list[dict]]:
-    """:func:`tune_sasrec`'s parameters, the best trial's early-stopped model and every trial's record; ``init`` is
-    passed to every trial (:class:`SASRec`). With ``budget_s``, no trial starts once that many seconds have gone
-    (the first always runs); with ``give_up_below``, none after a first trial that scored below it (a part that far
-    behind the rest of the score is not worth a search). The skipped trials are recorded as such."""
-    best_value, best, best_model, trials = -1.0, None, None, []
+    """:func:`tune_sasrec`'s parameters, the best trial's early-stopped model and every trial's record.
+
+    The search (:func:`nightrec.model.tuning.search`) runs ``grid`` (default :func:`default_grid`) first, then
+    sampled points of ``space`` (default :func:`default_space`) up to ``trials`` in all (None: the grid alone),
+    pruning a trial that runs behind the median. ``init`` is passed to every trial (:class:`SASRec`). With
+    ``budget_s``, no trial starts once that many seconds have gone (the first always runs); with ``give_up_below``,
+    none after a first trial that scored below it. The grid points never run are recorded as skipped."""
     longest = max((len(s) for s in train), default=0) - 1  # inputs are a history without its last item
-    started = time.perf_counter()
-    for params in grid or default_grid(len(train), longest):
-        if trials and budget_s is not None and time.perf_counter() - started >= budget_s:
-            trials.append({**params, "skipped": f"tuning budget of {budget_s:g} s spent"})
-            continue
-        if trials and give_up_below is not None and best_value < give_up_below:
-            trials.append({**params, "skipped": f"first trial {best_value:.4f} below {give_up_below:.4f}"})
-            continue
+
+    def fit(params: dict, report: Callable[[int, float], None]) -> tuple[float, SASRec, dict]:
+        def each_epoch(epoch: int, values: dict[str, float]) -> None:
+            if on_epoch is not None:
+                on_epoch(epoch, values)
+            if "validation_ndcg" in values:
+                report(epoch, values["validation_ndcg"])
+
         model = SASRec(
             train,
             n_items,
             validation=validation,
             init=init,
-            on_epoch=on_epoch,
+            on_epoch=each_epoch,
             **{"seed": seed, "threads": threads, **params},
         )
         value = max((v for _, v in model.history), default=model.validation_ndcg(*validation))
-        log(
-            f"sasrec {params}: validation NDCG@10 {value:.4f} at epoch {model.best_epoch} "
-            f"({model.epochs_run} run, {model.fit_seconds:.1f} s)"
-        )
-        trials.append(
-            {
-                **params,
-                "validation_ndcg": round(value, 5),
-                "best_epoch": model.best_epoch,
-                "seconds": round(model.fit_seconds, 2),
-            }
-        )
-        if value > best_value:
-            epochs = model.best_epoch if init is not None else max(model.best_epoch, 1)  # warm: 0 = keep the start
-            best_value, best, best_model = value, {**params, "epochs": epochs}, model
-    log(f"tuned sasrec: {best} (validation NDCG@10 {best_value:.4f})")
-    return best, best_model, trials
+        extra = {"best_epoch": model.best_epoch, "epochs_run": model.epochs_run, "seconds": round(model.fit_seconds, 2)}
+        return value, model, extra
+
+    starts = grid or default_grid(len(train), longest)
+    space = space or default_space(longest)
+    params, model, records = search(fit, starts, seed, space, trials, budget_s, give_up_below, log)
+    epochs = model.best_epoch if init is not None else max(model.best_epoch, 1)  # warm: 0 = keep the start
+    return {**params, "epochs": epochs}, model, records

@@ -632,26 +632,32 @@ def _fit_sequence(
     give_up_below: float | None = None,
     quick_stop: bool = False,
 ) -> tuple[SASRec, dict, list[dict]]:
-    """The sequence part. With ``validation``: the SASRec grid (:func:`nightrec.model.sasrec.default_grid`: dropout
-    {0.2, 0.5}, max_len {50, 100} where histories are that long, the batch from the user count), every trial
-    early-stopped, the best kept -- the evaluation's SASRec peer is tuned the same way, so on every catalogue the
-    sequence part is as good as that peer -- or, with ``params`` (last night's choice), that one trial. Without
-    validation: ``params`` for ``config.epochs`` epochs (or ``epochs_without_validation``). ``start``: (last night's
-    sequence part, each item's row in it) to start from. Returns (model, chosen params, trials)."""
+    """The sequence part. With ``validation``: the search (:func:`nightrec.model.sasrec.best_sasrec`, an Optuna
+    study): the SASRec grid first (:func:`nightrec.model.sasrec.default_grid`: dropout {0.5, 0.2}, max_len {50, 100}
+    where histories are that long, the batch from the user count) or, with ``params`` (last night's choice: the warm
+    start), that one point, then sampled points up to ``config.tuning_trials``, every trial early-stopped and pruned
+    when it runs behind, the best kept. The evaluation's SASRec peer is tuned by the same search, so on every catalogue
+    the sequence part is as good as that peer. With ``quick_stop`` (the catalogue has not changed materially) last
+    night's choice alone, continued with the warm start's patience: no search. Without validation: ``params`` for
+    ``config.epochs`` epochs (or ``epochs_without_validation``). ``start``: (last night's sequence part, each item's
+    row in it) to start from. Returns (model, chosen params, trials)."""
     if start is not None:  # an ensemble's trials start from its first member
         start = (sequence_members(start[0])[0], start[1])
+    n_trials = config.tuning_trials
     if params is None:
         if config.sequence_dropout is not None:  # one trial: the configured dropout and length
             base = default_grid(len(seqs))[0]
-            grid = [{**base, "dropout": config.sequence_dropout, "max_len": config.sequence_max_len}]
+            grid, n_trials = [{**base, "dropout": config.sequence_dropout, "max_len": config.sequence_max_len}], 1
         else:
             grid = default_grid(len(seqs), max((len(x) for x in seqs), default=0) - 1)
-    else:  # last night's choice; on unchanged data early-stopped with the warm start's patience (an evaluation
-        # every 2 epochs)
-        grid = [{k: v for k, v in params.items() if k != "epochs"}]
+        grid = [{**g, "hidden": config.sequence_hidden, "lr": config.sequence_lr} for g in grid]
+    else:  # last night's choice first; on unchanged data alone, early-stopped with the warm start's patience (an
+        # evaluation every 2 epochs)
+        # (a choice saved before the search sampled the width and learning rate has neither: the configured ones)
+        grid = [{"hidden": config.sequence_hidden, "lr": config.sequence_lr, **params}]
+        grid[0].pop("epochs", None)
         if quick_stop:
-            grid[0]["patience"] = max(1, int(np.ceil(config.warm_start_patience / 2)))
-    grid = [{**g, "hidden": config.sequence_hidden, "lr": config.sequence_lr} for g in grid]
+            grid[0]["patience"], n_trials = max(1, int(np.ceil(config.warm_start_patience / 2))), 1
     if config.sequence_negatives is not None:
         grid = [{**g, "negatives": config.sequence_negatives} for g in grid]
     if validation is not None:
@@ -668,6 +674,7 @@ def _fit_sequence(
             budget_s=budget,
             on_epoch=on_epoch,
             give_up_below=give_up_below,
+            trials=n_trials,
         )
         return model, chosen, trials
     chosen = {**grid[0], "epochs": config.epochs if config.epochs is not None else config.epochs_without_validation}

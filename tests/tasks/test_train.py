@@ -153,7 +153,9 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     """epochs=None: the validation (training users' held-out newest items) decides; from last night's model on the
     same data, the validation is already at its plateau at epoch 0, so the night trains far fewer epochs."""
     events = checkerboard_events(300, seed=4)
-    config = TrainConfig(dim=16, batch_users=32, seed=3, threads=1, cold_below=0, max_epochs=80, sequence_members=2)
+    config = TrainConfig(
+        dim=16, batch_users=32, seed=3, threads=1, cold_below=0, max_epochs=80, sequence_members=2, tuning_trials=3
+    )
     assert config.epochs is None
     calls: list[tuple[str, int, dict]] = []
     scratch = fit_recommender(events, ITEM_IDS, TEXT, None, config, progress=lambda *c: calls.append(c))
@@ -193,7 +195,10 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     assert len(sequence_members(warm.sequence)) == 2  # each member continued from the champion's
     changed = fit_recommender(events.head(int(0.7 * events.height)), ITEM_IDS, TEXT, None, config, init_from=champion)
     assert not changed.meta["warm_quick_stop"] and not changed.meta["sequence_warm_start"]
-    assert len(changed.meta["sequence_trials"]) == 1  # no grid: the champion's choice
+    # the search warm-starts from the champion's choice (its first trial), then samples up to its trial count
+    first = {k: v for k, v in changed.meta["sequence_trials"][0].items() if k in meta["sequence_params"]}
+    assert first == {k: v for k, v in meta["sequence_params"].items() if k != "epochs"}
+    assert len(changed.meta["sequence_trials"]) == config.tuning_trials
 
 
 def test_the_sequence_part_trains_with_the_configured_sampled_softmax():
