@@ -41,6 +41,7 @@ def test_the_search_runs_its_start_points_first_then_seeded_samples_and_repeats_
     assert {k: params[k] for k in ("hidden", "dropout", "lr")} == {k: best[k] for k in ("hidden", "dropout", "lr")}
     assert model.validation_ndcg(*validation) == pytest.approx(best["validation_ndcg"], abs=1e-5)
     again = best_sasrec(train, N_ITEMS, validation, seed=0, grid=GRID, trials=5, log=lambda _m: None)
+
     def timeless(records):
         return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
 
