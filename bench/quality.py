@@ -140,6 +140,12 @@ def main() -> None:
         default=model.TrainConfig().sequence_members,
         help="fits of the sequence part averaged in the served model (setting train_sequence_members)",
     )
+    parser.add_argument(
+        "--tuning-trials",
+        type=int,
+        default=model.TrainConfig().tuning_trials,
+        help="trials of the sequence part's search and of the SASRec peer's (train_tuning_trials; 1: the grid alone)",
+    )
     parser.add_argument("--stratified", action="store_true", help="also the random 75/25 split stratified by item")
     parser.add_argument("--ablations", action="store_true", help="nightrec variants and warm start instead of peers")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -158,7 +164,7 @@ def main() -> None:
             print(f"| {name} | " + " | ".join(str(values[c]) for c in columns) + " |")
         print(json.dumps(rows))
         return
-    config = model.TrainConfig(sequence_members=args.sequence_members)
+    config = model.TrainConfig(sequence_members=args.sequence_members, tuning_trials=args.tuning_trials)
     if args.epochs:
         config.epochs = args.epochs
     started = time.perf_counter()

@@ -139,7 +139,8 @@ class Settings(BaseSettings):
         default=SEARCH_TRIALS,
         ge=1,
         description="Trials of the sequence part's hyper-parameter search (Optuna: the grid's points first, then "
-        "sampled width, dropout, learning rate and length, each pruned when it runs behind); 1: the first point alone.",
+        "sampled width, dropout, learning rate and length, each pruned when it runs behind); never fewer than the "
+        "grid's points (1: the grid alone).",
     )
     train_sequence_negatives: int | None = Field(
         default=None,

@@ -205,8 +205,10 @@ def tune_peers(
     seed: int,
     log: Callable[[str], None],
     peers: Sequence[str] = PEERS,
+    sasrec_trials: int | None = None,
 ) -> dict:
-    """Pick each peer's hyper-parameters by validation NDCG@10 (validation carved from training, chronologically)."""
+    """Pick each peer's hyper-parameters by validation NDCG@10 (validation carved from training, chronologically);
+    SASRec's by the sequence part's search, with ``sasrec_trials`` trials (default: a night's)."""
     inner_train, hist, rel = split.validation
     grids = {
         "itemknn": [{"neighbours": n} for n in (20, 50, 100, 200, None)],
@@ -228,7 +230,8 @@ def tune_peers(
         chosen[name] = grid[best]
         log(f"tuned {name}: {grid[best]} (validation NDCG@10 {best_value:.4f})")
     if "sasrec" in peers:
-        chosen["sasrec"] = tune_sasrec(inner_train, n_items, (hist, rel), seed=seed, log=log)
+        trials = {} if sasrec_trials is None else {"trials": sasrec_trials}
+        chosen["sasrec"] = tune_sasrec(inner_train, n_items, (hist, rel), seed=seed, log=log, **trials)
     return chosen
 
 
@@ -319,7 +322,7 @@ def run_protocol(
     cold_items = pick_cold_items(seqs, n_items, seed, cold_item_share, has_text) if cold_item_share else None
     split = chronological_split(seqs, seed, cold_items=cold_items)
     started = time.perf_counter()
-    params = tune_peers(split, n_items, seed, log, peers)
+    params = tune_peers(split, n_items, seed, log, peers, config.tuning_trials)  # the same search as the model's
     info["peer_params"] = params
     info["tune_seconds"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
