@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from nightrec.model.sasrec import best_sasrec
 from nightrec.model.tuning import SearchSpace, search
-from tests.tasks.test_sasrec import N_ITEMS, SMALL, cycles
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.tasks.test_sasrec import N_ITEMS, SMALL, cycles, one_thread  # noqa: F401 (autouse: one torch thread)
 
 
 def chain_task():
