@@ -72,16 +72,22 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 10.0) -> None
 
 @contextlib.contextmanager
 def terminated_as_interrupt() -> Iterator[None]:
-    """SIGTERM handled like Ctrl-C (KeyboardInterrupt) while inside, so both stop the same way."""
+    """SIGTERM handled like Ctrl-C (KeyboardInterrupt) while inside, so both stop the same way.
+
+    SIGINT gets Python's own handler back even when it was inherited as ignored: a shell without job control starts
+    its background jobs (`nightrec ui &` in a script, CI, cron) with SIGINT ignored, and `kill -INT` then did
+    nothing. asyncio.run recognises the default handler and still cancels its main task on Ctrl-C."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous_term = signal.signal(signal.SIGTERM, interrupt)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 @contextlib.contextmanager

@@ -52,10 +52,15 @@ def listening(port: int) -> bool:
 def start_and_stop(
     args: list[str], port: int, sig: int, log: Path, ready: str = "", ready_s: float = 120.0
 ) -> tuple[float, str]:
-    """Start ``nightrec ARGS``, wait until ``port`` listens and the output shows ``ready``, send ``sig``; (seconds it
-    took to exit, its output)."""
+    """Start ``nightrec ARGS`` (for SIGINT, with SIGINT inherited as ignored), wait until ``port`` listens and the
+    output shows ``ready``, send ``sig``; (seconds it took to exit, its output)."""
     with open(log, "w") as out:
-        proc = subprocess.Popen([*nightrec_command(), *args], stdout=out, stderr=subprocess.STDOUT)
+        # SIGINT as a shell without job control leaves it for a background job (`nightrec ui &` in a script, CI):
+        # ignored. The command must stop on `kill -INT` all the same, so the harder start is the one tested.
+        ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sig == signal.SIGINT else None
+        proc = subprocess.Popen(
+            [*nightrec_command(), *args], stdout=out, stderr=subprocess.STDOUT, preexec_fn=ignore_sigint
+        )
     try:
         deadline = time.monotonic() + ready_s
         while not listening(port) or ready not in log.read_text():
