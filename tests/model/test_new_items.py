@@ -39,7 +39,10 @@ def _events(n_users: int = 240, seed: int = 0) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row")
 
 
-CONFIG = TrainConfig(dim=16, epochs=30, batch_users=32, lr=2e-2, seed=3, dropout=0.0, threads=1, cold_below=0)
+# one sequence member: new items are tested here, not the ensemble (tests/tasks/test_train.py)
+CONFIG = TrainConfig(
+    dim=16, epochs=30, batch_users=32, lr=2e-2, seed=3, dropout=0.0, threads=1, cold_below=0, sequence_members=1
+)
 
 
 def test_ridge_recovers_a_linear_map_and_predicts_the_mean_from_noise():
