@@ -89,7 +89,7 @@ def test_the_default_models_sequence_part_reads_the_order(fitted):
     """The product default (pooled prior + the SASRec part, weighted per history length on calibration users)."""
     both = fitted["pooled + sequence part"]
     assert both.has_sequence and both.sequence_weights([2])[0] > 0  # the fit found the sequence part useful
-    assert _top1_accuracy(both, ordered_pairs(200, seed=1)) >= 0.8  # measured 0.865
+    assert _top1_accuracy(both, ordered_pairs(200, seed=1)) >= 0.8  # measured 1.00 (one member)
 
 
 def test_sequence_model_saves_and_loads(fitted, tmp_path):
