@@ -30,7 +30,8 @@ def backfill(*extra: str):
 
 
 def test_three_day_backfill_then_skip_then_force_one_date(prefect_server, tmp_path, monkeypatch):
-    demo_home(tmp_path, monkeypatch)
+    demo_home(tmp_path, monkeypatch, processes.SPEC)  # four nights of the backfill's mechanics, not of the model
+    monkeypatch.setenv("NIGHTREC_TRAIN_EPOCHS", processes.EPOCHS)
     first = backfill()
     assert first.exit_code == 0, first.output
     for day in DATES:  # one summary line per night

@@ -15,6 +15,7 @@ import pytest
 from nightrec.settings import Settings
 from nightrec.storage.lake import Lake
 from tests.flows.conftest import FIRST_NIGHT, demo_home
+from tests.flows.processes import EPOCHS, SPEC
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -31,7 +32,8 @@ def test_serve_schedules_nightly_and_runs_it_through_the_api(tmp_path, monkeypat
 
     from nightrec.deployments.serve import local_server
 
-    demo_home(tmp_path, monkeypatch)
+    demo_home(tmp_path, monkeypatch, SPEC)  # one night through the API: the schedule's mechanics, not the model
+    monkeypatch.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
     monkeypatch.setenv("NIGHTREC_NIGHTLY_CRON", "30 3 * * *")
     monkeypatch.setenv("NIGHTREC_TIMEZONE", "Europe/Paris")
     settings = Settings()

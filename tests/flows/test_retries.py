@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from nightrec.settings import Settings
 from nightrec.storage.lake import Lake
 from tests.flows.conftest import FIRST_NIGHT, demo_home
+from tests.flows.processes import EPOCHS, SPEC
 
 pytestmark = pytest.mark.prefect
 
@@ -30,7 +31,8 @@ def land_after_first_failure(source, target, timeout: float = 120.0) -> None:
 
 
 def test_ingest_retries_until_the_late_file_arrives(prefect_server, tmp_path, monkeypatch):
-    demo_home(tmp_path, monkeypatch)
+    demo_home(tmp_path, monkeypatch, SPEC)
+    monkeypatch.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
     landed = tmp_path / "late" / "events.csv"
     landed.parent.mkdir()
     monkeypatch.setenv("NIGHTREC_EVENTS_SOURCE", str(landed))

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from nightrec.settings import Settings, prefect_environment
 from tests.flows.conftest import FIRST_NIGHT, demo_home
+from tests.flows.processes import EPOCHS, SPEC
 from tests.flows.test_deployments import free_port, wait_for_scheduled_runs
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
@@ -37,7 +38,8 @@ def server(tmp_path_factory):
     from nightrec.deployments.serve import local_server
 
     with pytest.MonkeyPatch.context() as mp:
-        demo_home(tmp_path_factory.mktemp("worker"), mp)
+        demo_home(tmp_path_factory.mktemp("worker"), mp, SPEC)  # two nights of the work pool's mechanics
+        mp.setenv("NIGHTREC_TRAIN_EPOCHS", EPOCHS)
         settings = Settings()
         settings.prefect_home_dir.mkdir(parents=True, exist_ok=True)
         with local_server(settings, free_port()) as api_url:
