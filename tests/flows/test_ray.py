@@ -75,6 +75,7 @@ def run_night(root, **env) -> dict:
 
     with pytest.MonkeyPatch.context() as mp:
         demo_home(root, mp, SPEC)
+        mp.setenv("NIGHTREC_TRAIN_EPOCHS", "2")  # where the shards run is under test, not the model
         # Shards share out whole chunks of texts to embed: small chunks give both shards work on the demo.
         mp.setenv("NIGHTREC_EMBEDDING_CHUNK_SIZE", "32")
         for key, value in env.items():
