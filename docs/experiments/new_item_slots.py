@@ -15,24 +15,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import quality
 
-from nightrec.model import TrainConfig, user_sequences
+from nightrec.model import TrainConfig
 from nightrec.ranking import per_user_metrics, top_k_unseen
 from nightrec.tasks import protocol
-from nightrec.tasks.catalogue import night_item_ids
 from nightrec.tasks.evaluate import fit_nightrec
 
 name, seed = sys.argv[1], int(sys.argv[2])
 ds = quality.load(name)
-vec = quality.item_vectors(ds)
-item_ids, missing = night_item_ids(ds.items, ds.events)
-n = len(item_ids)
-has_text = np.arange(n) < n - len(missing)
-if missing:
-    vec = np.vstack([vec, np.zeros((len(missing), vec.shape[1]), vec.dtype)])
-_, seqs = user_sequences(ds.events, {it: i for i, it in enumerate(item_ids)})
-seqs = [s for s in seqs if len(s)]
-cold = protocol.pick_cold_items(seqs, n, seed, protocol.COLD_ITEM_SHARE, has_text)
-split = protocol.chronological_split(seqs, seed, cold_items=cold)
+item_ids, vec, _, split, _ = protocol.protocol_split(ds, quality.item_vectors(ds), seed)
+n, cold = len(item_ids), split.cold_items
+has_text = np.abs(vec).sum(1) > 0
 cfg = TrainConfig(seed=seed, tuning_trials=1)
 scorer = fit_nightrec(split.train, item_ids, vec, cfg)
 trained = np.zeros(n, bool)
@@ -43,25 +35,21 @@ print("new items", int(new.sum()), "cold", len(cold))
 
 
 def slotted(scores, hist, k, s):
+    """Each user's top-k, with the lowest known items replaced by their best new items until s new ones are in it."""
     top = top_k_unseen(scores, hist, k)
     if s == 0:
         return top
-    masked = np.where(new[None, :], scores, -np.inf)
-    best_new = top_k_unseen(masked, hist, s)
+    best_new = top_k_unseen(np.where(new[None, :], scores, -np.inf), hist, s)
     out = top.copy()
-    for u in range(len(top)):
-        have = new[top[u][top[u] >= 0]].sum()
-        need = s - have
-        if need <= 0:
+    for u, row in enumerate(top):
+        listed = [j for j in row if j >= 0]
+        extra = [j for j in best_new[u] if j >= 0 and j not in listed][: max(0, s - int(new[listed].sum()))]
+        if not extra:
             continue
-        cand = [j for j in best_new[u] if j >= 0 and j not in set(top[u])][:need]
-        keep = [j for j in top[u] if j >= 0 and not new[j]]
-        newin = [j for j in top[u] if j >= 0 and new[j]]
-        drop = len(cand)
-        known = keep[: len(keep) - drop] if drop else keep
-        # known items keep their order; new ones (in list and slotted) go to the end in score order... simple: tail
-        row = [j for j in top[u] if j in set(known) or j in set(newin)] + cand
-        out[u, : len(row)] = row
+        known = [j for j in listed if not new[j]]
+        dropped = set(known[len(known) - len(extra) :])
+        kept = [j for j in listed if j not in dropped]  # the list's order, the extra new items at its tail
+        out[u, : len(kept) + len(extra)] = kept + extra
     return out
 
 

@@ -295,6 +295,26 @@ def evaluate_split(scorers: dict, split: Split) -> tuple[dict[str, dict[str, flo
     return metrics, by_history
 
 
+def protocol_split(
+    dataset, item_text_vectors: np.ndarray, seed: int, cold_item_share: float = COLD_ITEM_SHARE
+) -> tuple[list[str], np.ndarray, Histories, Split, dict]:
+    """(item ids, their text vectors, every user's history, the seed's chronological split, info) of ``dataset``.
+
+    Items the logs name but the catalogue lacks are trained and ranked by id with an all-zero text, as a night does
+    (tasks/catalogue.py); they are never picked as cold items."""
+    item_ids, missing = night_item_ids(dataset.items, dataset.events)
+    n_items = len(item_ids)
+    has_text = np.arange(n_items) < n_items - len(missing)
+    if missing:
+        pad = np.zeros((len(missing), item_text_vectors.shape[1]), dtype=item_text_vectors.dtype)
+        item_text_vectors = np.vstack([item_text_vectors, pad])
+    _, seqs = user_sequences(dataset.events, {item: i for i, item in enumerate(item_ids)})
+    seqs = [s for s in seqs if len(s)]
+    info: dict = {"users": len(seqs), "items": n_items, "items_missing_from_catalogue": len(missing), "seed": seed}
+    cold_items = pick_cold_items(seqs, n_items, seed, cold_item_share, has_text) if cold_item_share else None
+    return item_ids, item_text_vectors, seqs, chronological_split(seqs, seed, cold_items=cold_items), info
+
+
 def run_protocol(
     dataset,
     item_text_vectors: np.ndarray,
@@ -308,19 +328,8 @@ def run_protocol(
     """The docs/design.md protocol on ``dataset`` (events, items) for one seed: nightrec and the peers, same splits."""
     log = progress or (lambda _msg: None)
     config = config or TrainConfig(seed=seed)
-    # Items the logs name but the catalogue lacks are trained and ranked by id, as a night does (tasks/catalogue.py).
-    item_ids, missing = night_item_ids(dataset.items, dataset.events)
-    n_items = len(item_ids)
-    has_text = np.arange(n_items) < n_items - len(missing)
-    if missing:
-        pad = np.zeros((len(missing), item_text_vectors.shape[1]), dtype=item_text_vectors.dtype)
-        item_text_vectors = np.vstack([item_text_vectors, pad])
-    _, seqs = user_sequences(dataset.events, {item: i for i, item in enumerate(item_ids)})
-    seqs = [s for s in seqs if len(s)]
-    info: dict = {"users": len(seqs), "items": n_items, "items_missing_from_catalogue": len(missing), "seed": seed}
-
-    cold_items = pick_cold_items(seqs, n_items, seed, cold_item_share, has_text) if cold_item_share else None
-    split = chronological_split(seqs, seed, cold_items=cold_items)
+    item_ids, item_text_vectors, seqs, split, info = protocol_split(dataset, item_text_vectors, seed, cold_item_share)
+    n_items, cold_items = len(item_ids), split.cold_items
     started = time.perf_counter()
     params = tune_peers(split, n_items, seed, log, peers, config.tuning_trials)  # the same search as the model's
     info["peer_params"] = params

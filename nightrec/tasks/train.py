@@ -965,7 +965,7 @@ def bagged_choice(per_user: np.ndarray, seed: int, rounds: int = BAGGING_ROUNDS)
     picks = np.empty(rounds, dtype=np.int64)
     for r in range(rounds):
         picks[r] = int(np.argmax(per_user[rng.integers(0, n, size=n)].sum(axis=0)))
-    return int(np.median(picks).round()) if rounds % 2 else int(np.sort(picks)[rounds // 2 - 1])
+    return int(np.sort(picks)[(rounds - 1) // 2])  # the median; the lower one for an even count
 
 
 def support_loss(recommender: Recommender, histories: list[np.ndarray], steps: int) -> float:
