@@ -66,7 +66,7 @@ def _cold_warm(metrics: dict) -> dict:
 
 
 def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int | None, members: int) -> dict[str, dict]:
-    """Same chronological split, nightrec variants only: what each component and warm starting buys."""
+    """One seed's chronological split, nightrec variants only: what each component and warm starting buys."""
     import dataclasses
     import tempfile
 
@@ -90,7 +90,7 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int | None, membe
         meta = scorer.recommender.meta
         spent = (meta.get("validation_fit_epochs") or 0) + (meta.get("epochs") or 0)
         rows[name] = {**_cold_warm(metrics["m"]), "train_s": round(seconds, 1), "epochs": spent}
-        print(name, rows[name], file=sys.stderr, flush=True)
+        print(f"seed {seed}:", name, rows[name], file=sys.stderr, flush=True)
         return scorer
 
     variants = {
@@ -122,6 +122,29 @@ def ablations(dataset, vectors: np.ndarray, seed: int, epochs: int | None, membe
         source = run("source", base, source_hist, source_ids, vectors[even]).recommender.save(Path(tmp) / "source")
         run("transfer from another catalogue", base, init_from=source)
     return rows
+
+
+def ablation_table(per_seed: list[dict[str, dict]], seeds: list[int]) -> str:
+    """The ablation rows as mean ± std over seeds, with each variant's warm NDCG@10 minus the full model's per seed
+    (mean ± std): a paired difference, since every variant of a seed shares the split."""
+    names = list(per_seed[0])
+    columns = list(per_seed[0][names[0]])
+    full = next(iter(names))
+    lines = [
+        f"seeds {seeds}; cells: mean ± std over seeds; delta: warm NDCG@10 minus the full model's, paired by seed",
+        "",
+        "| variant | " + " | ".join(columns) + " | delta warm NDCG@10 |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for name in names:
+        cells = []
+        for column in columns:
+            values = np.array([rows[name][column] for rows in per_seed], dtype=float)
+            cells.append(f"{values.mean():.4f} ± {values.std():.4f}" if len(values) > 1 else f"{values[0]:.4f}")
+        delta = np.array([rows[name]["warm_ndcg_at_10"] - rows[full]["warm_ndcg_at_10"] for rows in per_seed])
+        cells.append(f"{delta.mean():+.4f} ± {delta.std():.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -157,12 +180,9 @@ def main() -> None:
     dataset = load(args.dataset)
     vectors = item_vectors(dataset)
     if args.ablations:
-        rows = ablations(dataset, vectors, args.seeds[0], args.epochs, args.sequence_members)
-        columns = list(next(iter(rows.values())))
-        print("| variant | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
-        for name, values in rows.items():
-            print(f"| {name} | " + " | ".join(str(values[c]) for c in columns) + " |")
-        print(json.dumps(rows))
+        per_seed = [ablations(dataset, vectors, seed, args.epochs, args.sequence_members) for seed in args.seeds]
+        print(ablation_table(per_seed, args.seeds))
+        print(json.dumps({"dataset": args.dataset, "seeds": args.seeds, "ablations": per_seed}))
         return
     config = model.TrainConfig(sequence_members=args.sequence_members, tuning_trials=args.tuning_trials)
     if args.epochs:
