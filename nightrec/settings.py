@@ -157,7 +157,10 @@ class Settings(BaseSettings):
     train_max_users_per_epoch: int | None = Field(
         default=20_000, gt=0, description="Users (meta-training tasks) sampled per epoch; None = all of them."
     )
-    warm_start: bool = Field(default=True, description="Start the night's training from the current champion.")
+    warm_start: bool = Field(
+        default=True,
+        description="Continue the current champion where it was trained on (nearly) the night's events and catalogue.",
+    )
     exclude_unavailable: bool = Field(default=True, description="Never recommend items marked available=false.")
 
     # Scheduling

@@ -317,6 +317,9 @@ def train_model(run_date: dt.date, parent_run_id: str, models_root: str, champio
             )
         finally:
             progress.finish()
+        if recommender.meta.get("warm_start_skipped"):  # a champion of other data: trained from scratch instead
+            get_run_logger().info("not continuing the champion: %s", recommender.meta["warm_start_skipped"])
+            tracking.log_params(st.client, st.run_id, {"warm_start_skipped": recommender.meta["warm_start_skipped"]})
         model_dir = recommender.save(Path(models_root) / key)
         losses = recommender.meta.get("losses") or []
         if losses:

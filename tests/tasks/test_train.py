@@ -106,7 +106,8 @@ def test_warm_start_carries_item_rows_by_id_and_new_items_get_text_vectors(train
     new_ids = ["new0", *ITEM_IDS[::-1]]
     text = np.concatenate([np.random.default_rng(4).normal(size=(1, 16)).astype(np.float32), TEXT[::-1]])
     config = TrainConfig(dim=16, epochs=0, seed=3)
-    warm = fit_recommender(checkerboard_events(20), new_ids, text, None, config, init_from=folder)
+    # the champion's own events: a champion is continued on (nearly) the same data only
+    warm = fit_recommender(checkerboard_events(), new_ids, text, None, config, init_from=folder)
     assert warm.meta["warm_start_items"] == len(ITEM_IDS)
     old = trained.model.item_id.weight.detach()
     new = warm.model.item_id.weight.detach()
@@ -189,16 +190,19 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     assert warm.meta["warm_quick_stop"] and not meta["warm_quick_stop"]
     assert not _unchanged_since(champion, events.head(int(0.7 * events.height)), ITEM_IDS)
     assert not _unchanged_since(champion, events, ITEM_IDS + [f"new{i}" for i in range(len(ITEM_IDS) // 10)])
-    # and the sequence part starts from the champion on the same data only; on new data it trains afresh with the
-    # champion's parameters (continued from a champion of 70 % of the events it cost Gift Cards 20 % warm NDCG@10)
+    # and the sequence part starts from the champion on the same data only
     assert warm.meta["sequence_warm_start"] and not meta["sequence_warm_start"]
     assert len(sequence_members(warm.sequence)) == 2  # each member continued from the champion's
-    changed = fit_recommender(events.head(int(0.7 * events.height)), ITEM_IDS, TEXT, None, config, init_from=champion)
+    # a champion of other data (30 % of the events new) is not continued at all: the night is the fit from scratch
+    # (continued, it cost Gift Cards warm NDCG@10 0.021 over 3 seeds), and the model says why
+    older = events.head(int(0.7 * events.height))
+    changed = fit_recommender(older, ITEM_IDS, TEXT, None, config, init_from=champion)
     assert not changed.meta["warm_quick_stop"] and not changed.meta["sequence_warm_start"]
-    # the search warm-starts from the champion's choice (its first trial), then samples up to its trial count
-    first = {k: v for k, v in changed.meta["sequence_trials"][0].items() if k in meta["sequence_params"]}
-    assert first == {k: v for k, v in meta["sequence_params"].items() if k != "epochs"}
-    assert len(changed.meta["sequence_trials"]) == config.tuning_trials
+    assert "trained on other data" in changed.meta["warm_start_skipped"]
+    fresh = fit_recommender(older, ITEM_IDS, TEXT, None, config)
+    assert "warm_start_skipped" not in fresh.meta
+    histories = [np.arange(0, 5), np.arange(10, 13), np.array([7])]
+    np.testing.assert_array_equal(changed.score_histories(histories), fresh.score_histories(histories))
 
 
 def test_the_sequence_part_trains_with_the_configured_sampled_softmax():
