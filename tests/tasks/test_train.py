@@ -193,6 +193,8 @@ def test_early_stopping_chooses_the_epochs_and_a_warm_start_from_the_champion_st
     # and the sequence part starts from the champion on the same data only
     assert warm.meta["sequence_warm_start"] and not meta["sequence_warm_start"]
     assert len(sequence_members(warm.sequence)) == 2  # each member continued from the champion's
+    # on every event for at least warm_sequence_epochs, whatever the (leaked) validation chose: the new events count
+    assert [m.epochs_run for m in sequence_members(warm.sequence)] == [config.warm_sequence_epochs] * 2
     # a champion of other data (30 % of the events new) is not continued at all: the night is the fit from scratch
     # (continued, it cost Gift Cards warm NDCG@10 0.021 over 3 seeds), and the model says why
     older = events.head(int(0.7 * events.height))
