@@ -106,13 +106,15 @@ def ablations(
         "fixed 30 epochs (no early stopping)": {"epochs": 30},
     }
 
+    warm_row = "from last night's champion (warm start)"
+
     def wanted(name: str) -> bool:
         return not only or name == "full model (defaults)" or any(word in name for word in only)
 
     for name, change in variants.items():
         if wanted(name):
             run(name, dataclasses.replace(base, **change))
-    if not wanted("from last night's champion (warm start)"):
+    if not wanted(warm_row):
         return rows
     with tempfile.TemporaryDirectory() as tmp:
         # last night's champion lacked the newest event of a seeded 10 % of the users (a night's new events, ~2 % of
@@ -121,7 +123,7 @@ def ablations(
         newer = rng.random(len(split.train)) < 0.1
         older = [s[:-1] if new and len(s) > 1 else s for s, new in zip(split.train, newer, strict=True)]
         champion = evaluate.fit_nightrec(older, item_ids, vectors, base).recommender.save(Path(tmp) / "champion")
-        run("from last night's champion (warm start)", base, init_from=champion)
+        run(warm_row, base, init_from=champion)
     return rows
 
 

@@ -482,7 +482,7 @@ def _fit_validated(
     _, train_seqs = user_sequences(train_events, item_index)
     if config.sequence_part and n_items <= config.sampled_softmax_above:
         # warm start (a champion of the same data): last night's sequence part and its chosen parameters, one trial
-        seq_start, seq_given = _sequence_start(init_from, item_ids, resume=quick)
+        seq_start, seq_given = _sequence_start(init_from, item_ids)  # None unless quick
         # no grid search for a part whose first trial is far behind the meta-learned part on the same validation
         # (the demo: 0.087 against 0.126, and its calibrated weight for known users came out 0)
         behind = recommender.meta.get("best_validation_ndcg")
@@ -722,18 +722,15 @@ def _refit_sequence(
 
 
 def _sequence_start(
-    init_from: Path | None, item_ids: list[str], resume: bool
+    init_from: Path | None, item_ids: list[str]
 ) -> tuple[tuple[SASRec | SASRecEnsemble, np.ndarray] | None, dict | None]:
-    """(last night's sequence part with each item's row in it, or None unless ``resume``; its chosen parameters),
-    or (None, None)."""
+    """(last night's sequence part with each item's row in it, its chosen parameters), or (None, None)."""
     if init_from is None:
         return None, None
-    header = json.loads((Path(init_from) / "model.json").read_text())  # the header alone, unless resuming
+    header = json.loads((Path(init_from) / "model.json").read_text())  # the header first: is there a part?
     params = header.get("meta", {}).get("sequence_params")
     if header.get("sequence") is None or not params:  # it served no sequence part
         return None, None
-    if not resume:
-        return None, params
     previous = Recommender.load(init_from)
     rows = np.array([previous.item_index.get(item, -1) for item in item_ids], dtype=np.int64)
     return (previous.sequence, rows), params
